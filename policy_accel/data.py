@@ -1,0 +1,69 @@
+"""Diffusion Policy's replay buffer (zarr) and padded sequence windows for training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def load_replay_buffer(path: str | Path) -> dict[str, np.ndarray]:
+    """Read ``data/*`` and ``meta/episode_ends`` of a Diffusion Policy zarr replay buffer."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"replay buffer {path} does not exist (see data/pusht/README.md to regenerate it)")
+    root = zarr.open_group(str(path), mode="r")
+    out = {key: np.asarray(root["data"][key]) for key in root["data"].array_keys()}
+    out["episode_ends"] = np.asarray(root["meta"]["episode_ends"])
+    return out
+
+
+def pusht_lowdim_obs(buffer: dict[str, np.ndarray]) -> np.ndarray:
+    """PushT low-dim observation per frame: 8 keypoints (16) + agent xy (2)."""
+    n = len(buffer["state"])
+    return np.concatenate([buffer["keypoint"].reshape(n, -1), buffer["state"][:, :2]], axis=1).astype(np.float32)
+
+
+def sequence_indices(episode_ends: np.ndarray, horizon: int, pad_before: int, pad_after: int) -> np.ndarray:
+    """Window starts per episode as DP's SequenceSampler makes them: (episode_start, episode_end, start)."""
+    rows = []
+    start = 0
+    for end in episode_ends:
+        length = end - start
+        for s in range(-pad_before, length - horizon + pad_after + 1):
+            rows.append((start, end, start + s))
+        start = end
+    return np.array(rows, dtype=np.int64)
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Windows of ``horizon`` frames, edges padded by repeating the first/last frame."""
+
+    def __init__(self, obs: np.ndarray, action: np.ndarray, episode_ends: np.ndarray, horizon: int, n_obs_steps: int, n_action_steps: int):
+        self.obs = torch.as_tensor(obs, dtype=torch.float32)
+        self.action = torch.as_tensor(action, dtype=torch.float32)
+        self.horizon = horizon
+        self.n_obs_steps = n_obs_steps
+        self.indices = sequence_indices(episode_ends, horizon, n_obs_steps - 1, n_action_steps - 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def window(self, i: int) -> torch.Tensor:
+        ep_start, ep_end, start = self.indices[i]
+        idx = np.clip(np.arange(start, start + self.horizon), ep_start, ep_end - 1)
+        return torch.as_tensor(idx)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.window(i)
+        return self.obs[idx[: self.n_obs_steps]], self.action[idx]
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised gather of many windows (faster than a DataLoader on 2 cores)."""
+        ep_start, ep_end, start = (torch.as_tensor(c) for c in self.indices[rows].T)
+        idx = start[:, None] + torch.arange(self.horizon)[None]
+        idx = torch.maximum(torch.minimum(idx, ep_end[:, None] - 1), ep_start[:, None])
+        return self.obs[idx[:, : self.n_obs_steps]], self.action[idx]

@@ -1,0 +1,139 @@
+"""Denoising schedules as batched, noise-free step functions.
+
+Diffusers' schedulers define the chain; this module turns one configured scheduler into per-step
+coefficient tables, so that a solver can apply step ``j`` to a whole window of states at once
+(each row with its own step index) and add the pre-drawn noise itself:
+
+    y_{j+1} = step(y_j, eps_theta(y_j, t_j), j) + noise_scale[j] * z_j
+
+The arithmetic follows diffusers' ``DDPMScheduler.step`` / ``DDIMScheduler.step`` (eta = 0)
+operation by operation, so a chain built from it matches a plain diffusers loop to float round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+SCHEDULE_KINDS = ("ddpm", "ddim")
+
+
+@dataclass
+class ScheduleConfig:
+    """Diffusion Policy's scheduler settings; ``kind`` and ``num_inference_steps`` pick the sampler."""
+
+    kind: str = "ddpm"
+    num_inference_steps: int = 100
+    num_train_timesteps: int = 100
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown schedule kind {self.kind!r}; valid: {', '.join(SCHEDULE_KINDS)}")
+        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={self.num_inference_steps} must be in [1, {self.num_train_timesteps}]"
+            )
+        if self.prediction_type != "epsilon":
+            raise ValueError(f"prediction_type={self.prediction_type!r} is not supported (only 'epsilon')")
+
+    def make_scheduler(self) -> DDPMScheduler | DDIMScheduler:
+        """The diffusers scheduler this schedule reproduces, with timesteps set."""
+        common = dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            beta_schedule=self.beta_schedule,
+            clip_sample=self.clip_sample,
+            prediction_type=self.prediction_type,
+        )
+        if self.kind == "ddpm":
+            scheduler = DDPMScheduler(variance_type="fixed_small", **common)
+        else:
+            scheduler = DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **common)
+        scheduler.set_timesteps(self.num_inference_steps)
+        return scheduler
+
+
+class Schedule:
+    """Per-step coefficients of one sampler (T steps), as tensors indexed by step number."""
+
+    def __init__(self, config: ScheduleConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        scheduler = config.make_scheduler()
+        ac = scheduler.alphas_cumprod
+        timesteps = scheduler.timesteps.long()
+        one = torch.tensor(1.0)
+        n = len(timesteps)
+        rows = []
+        for j, t in enumerate(timesteps.tolist()):
+            if config.kind == "ddpm":
+                prev = timesteps[j + 1].item() if j + 1 < n else -1
+            else:
+                prev = t - config.num_train_timesteps // config.num_inference_steps
+            a_t = ac[t]
+            a_prev = ac[prev] if prev >= 0 else one
+            beta_prod_t = 1 - a_t
+            beta_prod_prev = 1 - a_prev
+            current_alpha = a_t / a_prev
+            current_beta = 1 - current_alpha
+            # DDPM posterior variance (fixed_small); also the tolerance scale ParaDiGMS uses for DDIM.
+            variance = torch.clamp((1 - a_prev) / (1 - a_t) * current_beta, min=1e-20)
+            if config.kind == "ddpm":
+                c_x0 = (a_prev**0.5 * current_beta) / beta_prod_t
+                c_y = current_alpha**0.5 * beta_prod_prev / beta_prod_t
+                noise_scale = variance**0.5 if t > 0 else torch.tensor(0.0)
+            else:
+                c_x0 = a_prev**0.5
+                c_y = (1 - a_prev) ** 0.5  # multiplies epsilon
+                noise_scale = torch.tensor(0.0)
+            rows.append(
+                [a_t**0.5, beta_prod_t**0.5, c_x0, c_y, noise_scale, variance, (a_prev / a_t) ** 0.5]
+            )
+        table = torch.tensor(rows, dtype=torch.float32)
+        self.timesteps = timesteps.to(device)
+        self.sqrt_alpha_prod = table[:, 0].to(device)
+        self.sqrt_beta_prod = table[:, 1].to(device)
+        self.coef_x0 = table[:, 2].to(device)
+        self.coef_y = table[:, 3].to(device)
+        self.noise_scale = table[:, 4].to(device)
+        self.variance = table[:, 5].to(device)
+        # Coefficient of y in the step's linear (unclipped) part; ParaTAA unrolls steps with it.
+        self.linear_coef = table[:, 6].to(device)
+        self.is_ode = config.kind == "ddim"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def to(self, device: torch.device | str) -> Schedule:
+        return Schedule(self.config, device)
+
+    def predict_x0(self, y: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Clipped prediction of the clean sample; rows of ``y`` use step ``index`` (shape (N,))."""
+        s0 = self.sqrt_alpha_prod[index].view(-1, *([1] * (y.ndim - 1)))
+        s1 = self.sqrt_beta_prod[index].view(-1, *([1] * (y.ndim - 1)))
+        x0 = (y - s1 * eps) / s0
+        if self.config.clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
+        return x0
+
+    def step(self, y: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Deterministic part of step ``index`` for every row: posterior mean (DDPM) or DDIM(eta=0)."""
+        shape = (-1, *([1] * (y.ndim - 1)))
+        x0 = self.predict_x0(y, eps, index)
+        c_x0 = self.coef_x0[index].view(shape)
+        c_y = self.coef_y[index].view(shape)
+        if self.is_ode:
+            # diffusers' DDIM keeps the network's epsilon (use_clipped_model_output=False), as DP does.
+            return c_x0 * x0 + c_y * eps
+        return c_x0 * x0 + c_y * y
+
+    def describe(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,26 @@
+"""Solvers of the denoising chain, selectable by name."""
+
+from __future__ import annotations
+
+from policy_accel.solvers.base import Solver
+from policy_accel.solvers.newton import NewtonSolver
+from policy_accel.solvers.paradigms import ParadigmsSolver
+from policy_accel.solvers.parataa import ParaTAASolver
+from policy_accel.solvers.sequential import SequentialSolver
+
+SOLVERS: dict[str, type] = {
+    "sequential": SequentialSolver,
+    "paradigms": ParadigmsSolver,
+    "parataa": ParaTAASolver,
+    "newton": NewtonSolver,
+}
+
+
+def make_solver(name: str, **options) -> Solver:
+    """Build a solver by name; unknown names and options fail here, naming the bad value."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; valid: {', '.join(sorted(SOLVERS))}")
+    try:
+        return SOLVERS[name](**options)
+    except TypeError as err:
+        raise ValueError(f"bad option for solver {name!r}: {err}") from None

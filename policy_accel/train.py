@@ -1,0 +1,165 @@
+"""Train a low-dim Diffusion Policy with Diffusion Policy's recipe (epsilon MSE, AdamW, cosine
+schedule with warm-up, EMA weights), sized for a CPU.
+
+    python -m policy_accel.train task=pusht out_dir=runs/train_pusht steps=30000
+
+Resumable: ``out_dir/train_state.pt`` holds model, EMA, optimizer and step; rerunning with the
+same ``out_dir`` continues. Every ``save_every`` steps the EMA policy is exported to
+``out_dir/policy`` in our checkpoint format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from policy_accel.checkpoint import save_policy
+from policy_accel.data import SequenceDataset, load_replay_buffer, pusht_lowdim_obs
+from policy_accel.normalizer import LinearNormalizer
+from policy_accel.policy import DiffusionPolicy, PolicyConfig
+from policy_accel.schedule import ScheduleConfig
+from policy_accel.unet import ConditionalUnet1D, UNetConfig
+
+log = logging.getLogger(__name__)
+
+
+def ema_decay(step: int, power: float, max_value: float) -> float:
+    """Diffusion Policy's EMAModel decay (inv_gamma 1, update_after_step 0)."""
+    step = max(0, step - 1)
+    if step <= 0:
+        return 0.0
+    return min(max_value, 1 - (1 + step) ** -power)
+
+
+def build_dataset(task: DictConfig, max_episodes: int | None) -> tuple[SequenceDataset, np.ndarray, np.ndarray]:
+    buffer = load_replay_buffer(task.dataset)
+    ends = buffer["episode_ends"]
+    obs, action = pusht_lowdim_obs(buffer), buffer["action"].astype(np.float32)
+    if max_episodes is not None:
+        ends = ends[:max_episodes]
+        obs, action = obs[: ends[-1]], action[: ends[-1]]
+    return SequenceDataset(obs, action, ends, task.horizon, task.n_obs_steps, task.n_action_steps), obs, action
+
+
+def train(cfg: DictConfig) -> Path:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = cfg.task
+
+    dataset, obs, action = build_dataset(task, cfg.max_episodes)
+    obs_norm, act_norm = LinearNormalizer.fit(torch.as_tensor(obs)), LinearNormalizer.fit(torch.as_tensor(action))
+    unet_cfg = UNetConfig(
+        input_dim=task.action_dim, global_cond_dim=task.obs_dim * task.n_obs_steps, **OmegaConf.to_container(cfg.unet)
+    )
+    policy_cfg = PolicyConfig(
+        task=task.name, obs_dim=task.obs_dim, action_dim=task.action_dim, horizon=task.horizon,
+        n_obs_steps=task.n_obs_steps, n_action_steps=task.n_action_steps, unet=unet_cfg, schedule=ScheduleConfig(),
+    )
+    model = ConditionalUnet1D(unet_cfg)
+    ema = ConditionalUnet1D(unet_cfg)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * step / max(1, cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    state_path = out_dir / "train_state.pt"
+    step = 0
+    history: list[dict] = []
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        rng = np.random.default_rng(cfg.seed + step)
+        history = json.loads((out_dir / "history.json").read_text()) if (out_dir / "history.json").exists() else []
+        log.info("resumed from %s at step %d", state_path, step)
+
+    schedule = ScheduleConfig().make_scheduler()
+    alphas_cumprod = schedule.alphas_cumprod.float()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("training %s: %d windows, %.2fM parameters, %d steps", task.name, len(dataset), n_params / 1e6, cfg.steps)
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, state_path)
+        extra = {
+            "training": {
+                "steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+                "weight_decay": cfg.weight_decay, "ema_power": cfg.ema_power, "ema_max": cfg.ema_max,
+                "dataset": str(task.dataset), "episodes": int(len(np.unique(dataset.indices[:, 0]))),
+                "windows": len(dataset), "parameters": n_params, "seed": cfg.seed,
+            }
+        }
+        save_policy(DiffusionPolicy(policy_cfg, ema, obs_norm, act_norm), out_dir / "policy", extra=extra)
+        (out_dir / "history.json").write_text(json.dumps(history))
+
+    t_start = time.time()
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    running = []
+    while step < cfg.steps:
+        rows = rng.integers(0, len(dataset), size=cfg.batch_size)
+        obs_b, act_b = dataset.batch(rows)
+        cond = obs_norm.normalize(obs_b).reshape(cfg.batch_size, -1)
+        x0 = act_norm.normalize(act_b)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas_cumprod), (cfg.batch_size,))
+        a = alphas_cumprod[t].view(-1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(model(noisy, t, cond), noise)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        decay = ema_decay(step, cfg.ema_power, cfg.ema_max)
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            for b_ema, b in zip(ema.buffers(), model.buffers()):
+                b_ema.copy_(b)
+        running.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            mean = float(np.mean(running))
+            history.append({"step": step, "loss": mean, "lr": lr_at(step)})
+            bar.set_postfix(loss=f"{mean:.4f}")
+            running = []
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save()
+        if cfg.time_limit_min is not None and time.time() - t_start > 60 * cfg.time_limit_min:
+            log.info("time limit reached at step %d; saving (resume with the same out_dir)", step)
+            save()
+            break
+    bar.close()
+    if step == cfg.steps:
+        save()
+    return out_dir / "policy"
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    path = train(cfg)
+    print(f"policy saved to {path}")
+
+
+if __name__ == "__main__":
+    main()
