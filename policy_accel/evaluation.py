@@ -1,0 +1,128 @@
+"""Closed-loop episodes under Diffusion Policy's protocol, and the statistics reports are built from.
+
+Episodes run in lockstep groups of ``env_batch`` (one batched inference per control step for the
+group). ``env_batch=1`` is what a robot sees and is the only setting whose latencies are reported
+as per-control-step latency; larger groups only speed up scoring. Exact solvers return the same
+actions (within tolerance) at any batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from policy_accel.runner import InferenceRecord, PolicyRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    max_reward: float
+    success: bool
+    steps: int
+    inferences: int
+
+
+@dataclass
+class RolloutOutcome:
+    episodes: list[EpisodeResult]
+    records: list[InferenceRecord]  # one per control-step inference (per group when env_batch > 1)
+    frames: list[np.ndarray] = field(default_factory=list)  # first episode, if recorded
+
+    def summary(self) -> dict:
+        """The numeric part of results.json: score, success rate, latency and iteration statistics."""
+        lat = np.array([r.latency_s for r in self.records]) * 1e3
+        its = np.array([r.iterations for r in self.records], dtype=float)
+        return {
+            "n_episodes": len(self.episodes),
+            "seeds": [e.seed for e in self.episodes],
+            "score": float(np.mean([e.max_reward for e in self.episodes])),
+            "success_rate": float(np.mean([e.success for e in self.episodes])),
+            "latency_ms": {
+                "p50": float(np.percentile(lat, 50)),
+                "p95": float(np.percentile(lat, 95)),
+                "mean": float(lat.mean()),
+                "max": float(lat.max()),
+            },
+            "iterations": {"mean": float(its.mean()), "p95": float(np.percentile(its, 95)), "max": float(its.max())},
+            "nfe": {"mean": float(np.mean([r.nfe for r in self.records]))},
+            "unconverged_inferences": int(sum(not r.converged for r in self.records)),
+            "episodes": [asdict(e) for e in self.episodes],
+        }
+
+
+def _draw_plan(frame: np.ndarray, plan: np.ndarray, world_size: float = 512.0) -> np.ndarray:
+    """Overlay the executed chunk (n, 2) in world coordinates as red dots."""
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(frame)
+    draw = ImageDraw.Draw(image)
+    s = frame.shape[1] / world_size
+    for x, y in plan:
+        draw.ellipse([x * s - 4, y * s - 4, x * s + 4, y * s + 4], fill=(220, 30, 30))
+    return np.asarray(image)
+
+
+def run_episodes(
+    make_env: Callable[[], object],
+    runner: PolicyRunner,
+    seeds: Sequence[int],
+    env_batch: int = 1,
+    record_video: bool = False,
+    progress: bool = True,
+) -> RolloutOutcome:
+    """Run one episode per seed; ``runner`` is reset (and its noise reseeded with the group's first seed)."""
+    if env_batch < 1:
+        raise ValueError(f"env_batch={env_batch} must be >= 1")
+    cfg = runner.policy.config
+    episodes: list[EpisodeResult] = []
+    records: list[InferenceRecord] = []
+    frames: list[np.ndarray] = []
+    bar = tqdm(total=len(seeds), desc=f"rollout {runner.solver.name}", disable=not progress, dynamic_ncols=True)
+    for g in range(0, len(seeds), env_batch):
+        group = list(seeds[g : g + env_batch])
+        envs = [make_env() for _ in group]
+        history = []
+        for env, seed in zip(envs, group):
+            obs, _ = env.reset(seed=seed)
+            history.append([obs] * cfg.n_obs_steps)  # DP pads the first observation
+        runner.reset(seed=group[0])
+        n = len(group)
+        max_reward, success = np.zeros(n), np.zeros(n, dtype=bool)
+        steps, inferences = np.zeros(n, dtype=int), np.zeros(n, dtype=int)
+        done = np.zeros(n, dtype=bool)
+        film = record_video and g == 0
+        if film:
+            frames.append(envs[0].render())
+        while not done.all():
+            obs_batch = np.stack([np.stack(h[-cfg.n_obs_steps :]) for h in history])
+            actions, _, record = runner.plan(obs_batch)
+            records.append(record)
+            inferences[~done] += 1
+            for i, env in enumerate(envs):
+                for action in actions[i]:
+                    if done[i]:
+                        break
+                    obs, reward, terminated, truncated, _ = env.step(action)
+                    history[i].append(obs)
+                    max_reward[i] = max(max_reward[i], reward)
+                    steps[i] += 1
+                    success[i] |= terminated
+                    done[i] = terminated or truncated
+                    if film and i == 0:
+                        frames.append(_draw_plan(env.render(), actions[0]))
+        for i, seed in enumerate(group):
+            episodes.append(EpisodeResult(int(seed), float(max_reward[i]), bool(success[i]), int(steps[i]), int(inferences[i])))
+            log.info("seed %d: max reward %.3f, success %s, %d steps", seed, max_reward[i], success[i], steps[i])
+        for env in envs:
+            env.close()
+        bar.update(n)
+        bar.set_postfix(score=f"{np.mean([e.max_reward for e in episodes]):.3f}")
+    bar.close()
+    return RolloutOutcome(episodes, records, frames)
