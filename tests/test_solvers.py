@@ -1,0 +1,122 @@
+"""Exactness: every parallel solver, given the same noise, returns the sequential sample within its
+stated tolerance, in at most T rounds: random and trained networks, DDPM and DDIM, batch 1 and 4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policy_accel.schedule import Schedule, ScheduleConfig
+from policy_accel.solvers import make_solver
+from policy_accel.solvers.base import Budget, Noise
+
+# (solver, options, max |parallel - sequential| in normalized action units)
+EXACT_SOLVERS = [
+    ("paradigms", {}, 5e-2),  # the paper's tau = 0.1 is a loose test on state changes
+    ("paradigms", {"tolerance": 1e-3}, 1e-3),
+    ("parataa", {}, 1e-3),
+    ("newton", {"jacobian": "fresh"}, 1e-3),
+    ("newton", {"jacobian": "chord"}, 1e-3),
+    ("newton", {"jacobian": "broyden"}, 1e-3),
+]
+SAMPLERS = [("ddpm", 100), ("ddim", 16)]
+
+
+def _ids(case):
+    name, options, _ = case
+    return name + "".join(f"-{k}={v}" for k, v in options.items())
+
+
+def _solve_both(net, kind, steps, batch, name, options, cond_dim, seed=0, init=None):
+    schedule = Schedule(ScheduleConfig(kind=kind, num_inference_steps=steps))
+    g = torch.Generator().manual_seed(seed)
+    noise = Noise.draw(steps, (batch, 16, 2), g)
+    cond = torch.randn(batch, cond_dim, generator=g).clamp(-1, 1)
+    with torch.inference_mode():
+        reference = make_solver("sequential").solve(net, schedule, noise, cond)
+        result = make_solver(name, **options).solve(net, schedule, noise, cond, init=init)
+    return reference, result
+
+
+@pytest.mark.parametrize("case", EXACT_SOLVERS, ids=_ids)
+@pytest.mark.parametrize("kind,steps", SAMPLERS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_random_network(random_net, case, kind, steps, batch):
+    name, options, atol = case
+    reference, result = _solve_both(random_net, kind, steps, batch, name, options, cond_dim=36)
+    assert result.converged and result.stop_reason == "converged"
+    assert 1 <= result.iterations <= steps
+    assert result.sample.shape == (batch, 16, 2)
+    assert (result.sample - reference.sample).abs().max() <= atol
+
+
+@pytest.mark.parametrize("case", [c for c in EXACT_SOLVERS if c[1].get("jacobian") != "fresh"], ids=_ids)
+@pytest.mark.parametrize("kind,steps", SAMPLERS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_trained_checkpoint(trained_policy, case, kind, steps, batch):
+    name, options, atol = case
+    reference, result = _solve_both(trained_policy.denoiser, kind, steps, batch, name, options, cond_dim=36, seed=3)
+    assert result.converged and 1 <= result.iterations <= steps
+    assert (result.sample - reference.sample).abs().max() <= atol
+
+
+def test_trained_checkpoint_fresh_newton_is_exact_in_few_rounds(trained_policy):
+    reference, result = _solve_both(trained_policy.denoiser, "ddim", 16, 1, "newton", {"jacobian": "fresh"}, 36)
+    assert result.converged and result.iterations <= 16
+    assert (result.sample - reference.sample).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["paradigms", "parataa", "newton"])
+def test_any_initial_trajectory_converges_to_the_sequential_sample(random_net, name):
+    """A warm start only changes the starting guess, never the answer."""
+    init = torch.randn(17, 2, 16, 2, generator=torch.Generator().manual_seed(5))
+    options = {"tolerance": 1e-3} if name == "paradigms" else {}
+    reference, result = _solve_both(random_net, "ddim", 16, 2, name, options, 36, init=init)
+    assert result.converged
+    assert (result.sample - reference.sample).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["sequential", "paradigms", "parataa", "newton"])
+@pytest.mark.parametrize("budget,reason", [(Budget(max_iterations=2), "iteration_budget"), (Budget(time_s=1e-6), "time_budget")])
+def test_budget_is_reported_and_the_chunk_is_still_valid(random_net, name, budget, reason):
+    schedule = Schedule(ScheduleConfig())
+    noise = Noise.draw(100, (2, 16, 2), torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        result = make_solver(name).solve(random_net, schedule, noise, torch.zeros(2, 36), budget=budget)
+    assert not result.converged and result.stop_reason == reason
+    assert result.sample.shape == (2, 16, 2) and torch.isfinite(result.sample).all()
+    assert result.iterations <= 2
+
+
+@pytest.mark.parametrize(
+    "name,options,match",
+    [
+        ("picard", {}, "unknown solver 'picard'"),
+        ("paradigms", {"windw": 8}, "bad option for solver 'paradigms'"),
+        ("paradigms", {"window": 0}, "window"),
+        ("parataa", {"order": 0}, "order"),
+        ("newton", {"jacobian": "exact"}, "unknown Jacobian strategy"),
+        ("newton", {"tolerance": -1}, "tolerance"),
+    ],
+)
+def test_bad_solver_names_and_options_fail_clearly(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_solver(name, **options)
+
+
+def test_mismatched_noise_and_init_are_rejected(random_net):
+    schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=16))
+    noise = Noise.draw(16, (1, 16, 2))
+    solver = make_solver("paradigms")
+    with pytest.raises(ValueError, match="noise.z"):
+        solver.solve(random_net, schedule, Noise.draw(10, (1, 16, 2)), torch.zeros(1, 36))
+    with pytest.raises(ValueError, match="global_cond batch"):
+        solver.solve(random_net, schedule, noise, torch.zeros(2, 36))
+    with pytest.raises(ValueError, match="init trajectory"):
+        solver.solve(random_net, schedule, noise, torch.zeros(1, 36), init=torch.zeros(5, 1, 16, 2))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_iterations": 0}, {"time_s": 0.0}])
+def test_bad_budget_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        Budget(**kwargs)
