@@ -25,7 +25,7 @@ from gym_pusht.envs.pusht import PushTEnv as _GymPushTEnv
 from shapely.geometry import LineString, Polygon
 from tqdm import tqdm
 
-from envs.pusht import GOAL_POSE, PhysicsState, PushTEnv, SUCCESS_COVERAGE, TEST_START_SEED, make_env
+from envs.pusht import GOAL_POSE, SUCCESS_COVERAGE, TEST_START_SEED, PhysicsState, PushTEnv, make_env
 
 # The T's outline in body coordinates (bar 120x30 on top of a 30x90 stem), counter-clockwise.
 T_OUTLINE = np.array(
@@ -227,8 +227,11 @@ def main() -> None:
     t0 = time.time()
     with Pool(args.workers) as pool:
         evaluation = list(
-            tqdm(pool.imap(_worker, range(TEST_START_SEED, TEST_START_SEED + args.eval_seeds)),
-                 total=args.eval_seeds, desc="expert on test seeds")
+            tqdm(
+                pool.imap(_worker, range(TEST_START_SEED, TEST_START_SEED + args.eval_seeds)),
+                total=args.eval_seeds,
+                desc="expert on test seeds",
+            )
         )
         recorded, tried = [], 0
         seeds = iter(range(args.start_seed, TEST_START_SEED))

@@ -45,8 +45,14 @@ def rollout(cfg: DictConfig) -> dict:
         raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
     log.info(
         "task %s, checkpoint %s, %s with %s (%s), warm_start=%s, %d episodes, env_batch %d",
-        cfg.task.name, cfg.checkpoint, cfg.policy.name, solver.name, dict(cfg.solver.options), cfg.warm_start,
-        len(seeds), cfg.env_batch,
+        cfg.task.name,
+        cfg.checkpoint,
+        cfg.policy.name,
+        solver.name,
+        dict(cfg.solver.options),
+        cfg.warm_start,
+        len(seeds),
+        cfg.env_batch,
     )
     outcome = run_episodes(make_env, runner, seeds, cfg.env_batch, record_video=cfg.save_video)
     results = {
@@ -70,7 +76,7 @@ def rollout(cfg: DictConfig) -> dict:
         images = [Image.fromarray(f) for f in outcome.frames]
         images[0].save(out_dir / "episode0.gif", save_all=True, append_images=images[1:], duration=100, loop=0)
     lat, it = results["latency_ms"], results["iterations"]
-    print(f"\n| task | sampler | solver | warm | episodes | score | success | p50 ms | p95 ms | iterations | nfe |")
+    print("\n| task | sampler | solver | warm | episodes | score | success | p50 ms | p95 ms | iterations | nfe |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {results['task']} | {results['policy']} | {results['solver']} | {results['warm_start']} | "

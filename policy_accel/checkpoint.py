@@ -27,14 +27,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not match its config."""
 
 
-def save_policy(policy: DiffusionPolicy, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``policy`` to directory ``path``; ``extra`` (e.g. training info) goes into config.json."""
+def save_policy(
+    policy: DiffusionPolicy, path: str | Path, extra: dict | None = None, weights_dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write ``policy`` to directory ``path``; ``extra`` (e.g. training info) goes into config.json.
+
+    ``weights_dtype=torch.float16`` halves the file (for committing); loading always yields float32.
+    Normalizers are stored in float32 whatever the choice.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in policy.model.state_dict().items()}
-    tensors.update(policy.obs_normalizer.state_dict("normalizer.obs"))
-    tensors.update(policy.action_normalizer.state_dict("normalizer.action"))
-    tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+    tensors = {
+        f"model.{k}": v.detach().cpu().to(weights_dtype).contiguous() for k, v in policy.model.state_dict().items()
+    }
+    normalizers = {
+        **policy.obs_normalizer.state_dict("normalizer.obs"),
+        **policy.action_normalizer.state_dict("normalizer.action"),
+    }
+    tensors.update({k: v.detach().cpu().float().contiguous() for k, v in normalizers.items()})
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "policy": policy.config.to_dict()}
     if extra:
         config["extra"] = extra
@@ -70,7 +80,7 @@ def load_policy(path: str | Path, device: torch.device | str = "cpu") -> Diffusi
         raise CheckpointError(f"{weights_path} is corrupt or truncated: {err}") from None
 
     model = ConditionalUnet1D(config.unet)
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v.float() for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -79,7 +89,11 @@ def load_policy(path: str | Path, device: torch.device | str = "cpu") -> Diffusi
             f"{weights_path} does not match {config_path}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    bad = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
     if bad:
         raise CheckpointError(f"{weights_path} has shapes that do not match {config_path}: {bad[:3]}")
     model.load_state_dict(state, strict=True)

@@ -42,7 +42,15 @@ def sequence_indices(episode_ends: np.ndarray, horizon: int, pad_before: int, pa
 class SequenceDataset(torch.utils.data.Dataset):
     """Windows of ``horizon`` frames, edges padded by repeating the first/last frame."""
 
-    def __init__(self, obs: np.ndarray, action: np.ndarray, episode_ends: np.ndarray, horizon: int, n_obs_steps: int, n_action_steps: int):
+    def __init__(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        episode_ends: np.ndarray,
+        horizon: int,
+        n_obs_steps: int,
+        n_action_steps: int,
+    ):
         self.obs = torch.as_tensor(obs, dtype=torch.float32)
         self.action = torch.as_tensor(action, dtype=torch.float32)
         self.horizon = horizon

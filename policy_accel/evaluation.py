@@ -89,7 +89,7 @@ def run_episodes(
         group = list(seeds[g : g + env_batch])
         envs = [make_env() for _ in group]
         history = []
-        for env, seed in zip(envs, group):
+        for env, seed in zip(envs, group, strict=True):
             obs, _ = env.reset(seed=seed)
             history.append([obs] * cfg.n_obs_steps)  # DP pads the first observation
         runner.reset(seed=group[0])
@@ -118,7 +118,9 @@ def run_episodes(
                     if film and i == 0:
                         frames.append(_draw_plan(env.render(), actions[0]))
         for i, seed in enumerate(group):
-            episodes.append(EpisodeResult(int(seed), float(max_reward[i]), bool(success[i]), int(steps[i]), int(inferences[i])))
+            episodes.append(
+                EpisodeResult(int(seed), float(max_reward[i]), bool(success[i]), int(steps[i]), int(inferences[i]))
+            )
             log.info("seed %d: max reward %.3f, success %s, %d steps", seed, max_reward[i], success[i], steps[i])
         for env in envs:
             env.close()

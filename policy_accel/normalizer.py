@@ -48,5 +48,5 @@ class LinearNormalizer:
         except KeyError as err:
             raise KeyError(f"normalizer tensor {err.args[0]!r} missing") from None
         stats_prefix = f"{prefix}.input_stats."
-        stats = {k[len(stats_prefix):]: v for k, v in tensors.items() if k.startswith(stats_prefix)}
+        stats = {k[len(stats_prefix) :]: v for k, v in tensors.items() if k.startswith(stats_prefix)}
         return cls(scale, offset, stats)

@@ -35,7 +35,8 @@ class PolicyConfig:
             raise ValueError(f"unet.input_dim={self.unet.input_dim} != action_dim={self.action_dim}")
         if self.unet.global_cond_dim != self.obs_dim * self.n_obs_steps:
             raise ValueError(
-                f"unet.global_cond_dim={self.unet.global_cond_dim} != obs_dim*n_obs_steps={self.obs_dim * self.n_obs_steps}"
+                f"unet.global_cond_dim={self.unet.global_cond_dim} != "
+                f"obs_dim*n_obs_steps={self.obs_dim * self.n_obs_steps}"
             )
         if self.horizon % 2 ** (len(self.unet.down_dims) - 1):
             raise ValueError(f"horizon={self.horizon} must be divisible by 2**(len(down_dims)-1)")
@@ -86,14 +87,18 @@ class DiffusionPolicy:
         obs = torch.as_tensor(np.asarray(obs_history) if not torch.is_tensor(obs_history) else obs_history)
         expected = (self.config.n_obs_steps, self.config.obs_dim)
         if obs.ndim != 3 or tuple(obs.shape[1:]) != expected:
-            raise ValueError(f"observation history must have shape (B, {expected[0]}, {expected[1]}), got {tuple(obs.shape)}")
+            raise ValueError(
+                f"observation history must have shape (B, {expected[0]}, {expected[1]}), got {tuple(obs.shape)}"
+            )
         if not torch.isfinite(obs).all():
             raise ValueError("observation history contains NaN or inf")
         obs = obs.to(self.device, torch.float32)
         return self.obs_normalizer.normalize(obs).reshape(obs.shape[0], -1)
 
     def draw_noise(self, schedule: Schedule, batch: int, generator: torch.Generator | None = None) -> Noise:
-        return Noise.draw(schedule.num_steps, (batch, *self.chunk_shape), generator, device="cpu").to_device(self.device)
+        return Noise.draw(schedule.num_steps, (batch, *self.chunk_shape), generator, device="cpu").to_device(
+            self.device
+        )
 
     @torch.inference_mode()
     def sample(

@@ -97,5 +97,7 @@ class PolicyRunner:
         if not np.all(np.isfinite(actions)):
             raise RuntimeError(f"solver {self.solver.name!r} returned non-finite actions ({result.stop_reason})")
         self._previous = (result, noise)
-        record = InferenceRecord(latency, result.iterations, result.nfe, result.converged, result.stop_reason, init is not None)
+        record = InferenceRecord(
+            latency, result.iterations, result.nfe, result.converged, result.stop_reason, init is not None
+        )
         return actions, result, record

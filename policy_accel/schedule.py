@@ -93,9 +93,7 @@ class Schedule:
                 c_x0 = a_prev**0.5
                 c_y = (1 - a_prev) ** 0.5  # multiplies epsilon
                 noise_scale = torch.tensor(0.0)
-            rows.append(
-                [a_t**0.5, beta_prod_t**0.5, c_x0, c_y, noise_scale, variance, (a_prev / a_t) ** 0.5]
-            )
+            rows.append([a_t**0.5, beta_prod_t**0.5, c_x0, c_y, noise_scale, variance, (a_prev / a_t) ** 0.5])
         table = torch.tensor(rows, dtype=torch.float32)
         self.timesteps = timesteps.to(device)
         self.sqrt_alpha_prod = table[:, 0].to(device)

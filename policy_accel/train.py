@@ -64,8 +64,14 @@ def train(cfg: DictConfig) -> Path:
         input_dim=task.action_dim, global_cond_dim=task.obs_dim * task.n_obs_steps, **OmegaConf.to_container(cfg.unet)
     )
     policy_cfg = PolicyConfig(
-        task=task.name, obs_dim=task.obs_dim, action_dim=task.action_dim, horizon=task.horizon,
-        n_obs_steps=task.n_obs_steps, n_action_steps=task.n_action_steps, unet=unet_cfg, schedule=ScheduleConfig(),
+        task=task.name,
+        obs_dim=task.obs_dim,
+        action_dim=task.action_dim,
+        horizon=task.horizon,
+        n_obs_steps=task.n_obs_steps,
+        n_action_steps=task.n_action_steps,
+        unet=unet_cfg,
+        schedule=ScheduleConfig(),
     )
     model = ConditionalUnet1D(unet_cfg)
     ema = ConditionalUnet1D(unet_cfg)
@@ -98,13 +104,24 @@ def train(cfg: DictConfig) -> Path:
     log.info("training %s: %d windows, %.2fM parameters, %d steps", task.name, len(dataset), n_params / 1e6, cfg.steps)
 
     def save() -> None:
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, state_path)
+        torch.save(
+            {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+            state_path,
+        )
         extra = {
             "training": {
-                "steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
-                "weight_decay": cfg.weight_decay, "ema_power": cfg.ema_power, "ema_max": cfg.ema_max,
-                "dataset": str(task.dataset), "episodes": int(len(np.unique(dataset.indices[:, 0]))),
-                "windows": len(dataset), "parameters": n_params, "seed": cfg.seed,
+                "steps": step,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "warmup_steps": cfg.warmup_steps,
+                "weight_decay": cfg.weight_decay,
+                "ema_power": cfg.ema_power,
+                "ema_max": cfg.ema_max,
+                "dataset": str(task.dataset),
+                "episodes": int(len(np.unique(dataset.indices[:, 0]))),
+                "windows": len(dataset),
+                "parameters": n_params,
+                "seed": cfg.seed,
             }
         }
         save_policy(DiffusionPolicy(policy_cfg, ema, obs_norm, act_norm), out_dir / "policy", extra=extra)
@@ -132,9 +149,9 @@ def train(cfg: DictConfig) -> Path:
         step += 1
         decay = ema_decay(step, cfg.ema_power, cfg.ema_max)
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
                 p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
-            for b_ema, b in zip(ema.buffers(), model.buffers()):
+            for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
                 b_ema.copy_(b)
         running.append(loss.item())
         bar.update(1)

@@ -35,9 +35,7 @@ class SinusoidalPosEmb(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
-        freqs = torch.exp(
-            torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1))
-        )
+        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1)))
         arg = t.float()[:, None] * freqs[None, :]
         return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
@@ -127,10 +125,13 @@ class ConditionalUnet1D(nn.Module):
         self.diffusion_step_encoder = nn.Sequential(
             SinusoidalPosEmb(dsed), nn.Linear(dsed, dsed * 4), nn.Mish(), nn.Linear(dsed * 4, dsed)
         )
-        in_out = list(zip(all_dims[:-1], all_dims[1:]))
+        in_out = list(zip(all_dims[:-1], all_dims[1:], strict=True))
         mid_dim = all_dims[-1]
         self.mid_modules = nn.ModuleList(
-            [ConditionalResidualBlock1D(mid_dim, mid_dim, **block), ConditionalResidualBlock1D(mid_dim, mid_dim, **block)]
+            [
+                ConditionalResidualBlock1D(mid_dim, mid_dim, **block),
+                ConditionalResidualBlock1D(mid_dim, mid_dim, **block),
+            ]
         )
         self.down_modules = nn.ModuleList()
         for ind, (dim_in, dim_out) in enumerate(in_out):

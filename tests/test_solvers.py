@@ -77,7 +77,9 @@ def test_any_initial_trajectory_converges_to_the_sequential_sample(random_net, n
 
 
 @pytest.mark.parametrize("name", ["sequential", "paradigms", "parataa", "newton"])
-@pytest.mark.parametrize("budget,reason", [(Budget(max_iterations=2), "iteration_budget"), (Budget(time_s=1e-6), "time_budget")])
+@pytest.mark.parametrize(
+    "budget,reason", [(Budget(max_iterations=2), "iteration_budget"), (Budget(time_s=1e-6), "time_budget")]
+)
 def test_budget_is_reported_and_the_chunk_is_still_valid(random_net, name, budget, reason):
     schedule = Schedule(ScheduleConfig())
     noise = Noise.draw(100, (2, 16, 2), torch.Generator().manual_seed(0))

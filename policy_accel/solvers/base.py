@@ -135,7 +135,9 @@ def cold_trajectory(noise: Noise, num_steps: int) -> torch.Tensor:
 def check_inputs(schedule: Schedule, noise: Noise, global_cond: torch.Tensor, init: torch.Tensor | None) -> None:
     T = schedule.num_steps
     if noise.z.shape[0] != T or noise.z.shape[1:] != noise.x_T.shape:
-        raise ValueError(f"noise.z must have shape ({T}, *x_T.shape) = ({T}, {tuple(noise.x_T.shape)}), got {tuple(noise.z.shape)}")
+        raise ValueError(
+            f"noise.z must have shape ({T}, *x_T.shape) = ({T}, {tuple(noise.x_T.shape)}), got {tuple(noise.z.shape)}"
+        )
     if global_cond.shape[0] != noise.x_T.shape[0]:
         raise ValueError(f"global_cond batch {global_cond.shape[0]} != sample batch {noise.x_T.shape[0]}")
     if init is not None and init.shape != (T + 1, *noise.x_T.shape):

@@ -122,9 +122,7 @@ class ParaTAASolver:
             update = R.clone()
             accelerate_from = (front + 1) if front is not None else L  # local variable index > front
             if m > 1 and len(hist_x) > 1 and accelerate_from < L:
-                update[accelerate_from:] -= self._anderson(
-                    hist_x, hist_r, R, counts, begin, end, accelerate_from
-                )
+                update[accelerate_from:] -= self._anderson(hist_x, hist_r, R, counts, begin, end, accelerate_from)
             traj[begin + 1 : end + 1] += update
             begin = begin + front + 1 if front is not None else end
             if begin >= T:

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (first time only), lint, and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q "$@"
