@@ -39,18 +39,20 @@ def rollout(cfg: DictConfig) -> dict:
     policy = load_policy(cfg.checkpoint, device=cfg.device)
     schedule = Schedule(ScheduleConfig(**{**policy.config.schedule.__dict__, **cfg.policy.schedule}), cfg.device)
     time_s = None if cfg.budget.time_ms is None else cfg.budget.time_ms / 1e3
-    runner = PolicyRunner(policy, solver, schedule, cfg.warm_start, Budget(cfg.budget.max_iterations, time_s))
+    budget = Budget(cfg.budget.max_iterations, time_s)
+    runner = PolicyRunner(policy, solver, schedule, cfg.warm_start, cfg.solver.noise, budget)
     seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     if not seeds:
         raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
     log.info(
-        "task %s, checkpoint %s, %s with %s (%s), warm_start=%s, %d episodes, env_batch %d",
+        "task %s, checkpoint %s, %s with %s (%s), warm_start=%s, noise=%s, %d episodes, env_batch %d",
         cfg.task.name,
         cfg.checkpoint,
         cfg.policy.name,
         solver.name,
         dict(cfg.solver.options),
         cfg.warm_start,
+        cfg.solver.noise,
         len(seeds),
         cfg.env_batch,
     )
@@ -61,6 +63,7 @@ def rollout(cfg: DictConfig) -> dict:
         "policy": cfg.policy.name,
         "solver_options": OmegaConf.to_container(cfg.solver.options),
         "warm_start": bool(cfg.warm_start),
+        "noise": cfg.solver.noise,
         "checkpoint": str(cfg.checkpoint),
         "env_batch": cfg.env_batch,
         "threads": cfg.threads,
@@ -76,10 +79,13 @@ def rollout(cfg: DictConfig) -> dict:
         images = [Image.fromarray(f) for f in outcome.frames]
         images[0].save(out_dir / "episode0.gif", save_all=True, append_images=images[1:], duration=100, loop=0)
     lat, it = results["latency_ms"], results["iterations"]
-    print("\n| task | sampler | solver | warm | episodes | score | success | p50 ms | p95 ms | iterations | nfe |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| task | sampler | solver | warm | noise | episodes | score | success | p50 ms | p95 ms | iterations | nfe |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {results['task']} | {results['policy']} | {results['solver']} | {results['warm_start']} | "
+        f"{results['noise']} | "
         f"{results['n_episodes']} | {results['score']:.3f} | {results['success_rate']:.0%} | {lat['p50']:.1f} | "
         f"{lat['p95']:.1f} | {it['mean']:.1f} | {results['nfe']['mean']:.0f} |"
     )

@@ -1,11 +1,18 @@
 """Closed-loop inference: observation history in, executed action chunk out, with optional warm starts.
 
-A warm start reuses the previous control step's solve. The robot executed ``n_action_steps``
-actions since then, so the previous trajectory (every denoising level) and its noise are shifted
-by that many positions along the horizon; the freed tail is filled with the last position (states)
-and fresh draws (noise). The solver then solves the chain *for that noise* exactly, checked against
-the sequential sampler given the same noise: only the starting guess and the noise's correlation
-across control steps change, never the solution of the chain.
+Warm start: the robot executed ``n_action_steps`` actions since the previous inference, so the
+previous trajectory (every denoising level) is shifted by that many positions along the horizon,
+its tail repeating the last position, and handed to the solver as its initial guess (Newton also
+gets the previous Jacobians, shifted alike). The solver still solves the chain for *this*
+inference's noise to its tolerance, so a warm start changes the cost, never the answer.
+
+Noise policy (for every solver, sequential included, so runs compare on the same noise):
+  * ``fresh``   - new noise at every inference.
+  * ``coupled`` - the previous noise shifted like the trajectory, fresh draws only where new time
+                  steps enter. Every draw is still standard normal, so each chunk is a sample of
+                  the same policy; consecutive chunks become correlated (their overlap shares
+                  noise), like a temporally consistent policy. Identical noise at every inference
+                  is not offered: it makes the policy deterministic and it can stall forever.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult
 
+NOISE_POLICIES = ("fresh", "coupled")
+
 
 @dataclass
 class InferenceRecord:
@@ -31,6 +40,22 @@ class InferenceRecord:
     converged: bool
     stop_reason: str
     warm: bool
+
+
+def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor:
+    """Shift per-step Jacobians (T, B, D, D) over a (horizon, A) chunk like the trajectory.
+
+    The overlap keeps its blocks; each new tail position gets the last position's own block.
+    """
+    T, B, D, _ = jac.shape
+    A = D // horizon
+    j = jac.view(T, B, horizon, A, horizon, A)
+    out = torch.zeros_like(j)
+    keep = horizon - shift
+    out[:, :, :keep, :, :keep, :] = j[:, :, shift:, :, shift:, :]
+    for h in range(keep, horizon):
+        out[:, :, h, :, h, :] = j[:, :, -1, :, -1, :]
+    return out.view(T, B, D, D)
 
 
 def shift_horizon(x: torch.Tensor, shift: int, fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,10 +78,14 @@ class PolicyRunner:
         solver: Solver,
         schedule: Schedule,
         warm_start: bool = False,
+        noise: str = "fresh",
         budget: Budget | None = None,
         seed: int = 0,
     ):
+        if noise not in NOISE_POLICIES:
+            raise ValueError(f"unknown noise policy {noise!r}; valid: {', '.join(NOISE_POLICIES)}")
         self.policy = policy
+        self.noise = noise
         self.solver = solver
         self.schedule = schedule
         self.warm_start = warm_start
@@ -72,18 +101,25 @@ class PolicyRunner:
 
     def _noise_and_init(self, batch: int) -> tuple[Noise, torch.Tensor | None, dict | None]:
         fresh = self.policy.draw_noise(self.schedule, batch, self.generator)
-        if not self.warm_start or self._previous is None or self._previous[1].x_T.shape[0] != batch:
+        if self._previous is None or self._previous[1].x_T.shape[0] != batch:
             return fresh, None, None
-        result, noise = self._previous
-        shift = self.policy.config.n_action_steps
-        keep = self.policy.config.horizon - shift
-        noise = Noise(
-            shift_horizon(noise.x_T, shift, fresh.x_T[..., keep:, :]),
-            shift_horizon(noise.z, shift, fresh.z[..., keep:, :]),
-        )
+        result, previous_noise = self._previous
+        shift, horizon = self.policy.config.n_action_steps, self.policy.config.horizon
+        noise = fresh
+        if self.noise == "coupled":
+            keep = horizon - shift
+            noise = Noise(
+                shift_horizon(previous_noise.x_T, shift, fresh.x_T[..., keep:, :]),
+                shift_horizon(previous_noise.z, shift, fresh.z[..., keep:, :]),
+            )
+        if not self.warm_start:
+            return noise, None, None
         init = shift_horizon(result.trajectory, shift)
         init[0] = noise.x_T
-        return noise, init, result.extras
+        carry = {}
+        if result.extras.get("jacobians") is not None:
+            carry["jacobians"] = shift_jacobians(result.extras["jacobians"], shift, horizon)
+        return noise, init, carry
 
     @torch.inference_mode()
     def plan(self, obs_history: np.ndarray) -> tuple[np.ndarray, SolveResult, InferenceRecord]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.runner import PolicyRunner, shift_horizon
+from policy_accel.runner import PolicyRunner, shift_horizon, shift_jacobians
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.solvers import make_solver
 
@@ -47,21 +47,37 @@ def test_shift_horizon():
     assert shift_horizon(x, 2, fill).flatten().tolist() == [2, 3, 4, 5, 9, 8]
 
 
-@pytest.mark.parametrize("solver", ["paradigms", "newton"])
-def test_warm_started_runner_returns_the_sequential_sample_of_its_noise(trained_policy, solver):
+def test_shift_jacobians_moves_blocks_with_the_chunk():
+    jac = torch.arange(16.0).view(1, 1, 4, 4)  # J[out, in] over 4 positions of a 1-D action
+    shifted = shift_jacobians(jac, 2, horizon=4)[0, 0]
+    assert shifted[:2, :2].tolist() == [[10.0, 11.0], [14.0, 15.0]]
+    assert shifted[2, 2] == 15.0 and shifted[3, 3] == 15.0 and shifted[2, 3] == 0.0 and shifted[0, 3] == 0.0
+
+
+@pytest.mark.parametrize("solver", ["paradigms", "parataa", "newton"])
+@pytest.mark.parametrize("noise_policy", ["fresh", "coupled"])
+def test_warm_started_runner_returns_the_sequential_sample_of_its_noise(trained_policy, solver, noise_policy):
     """Warm starts reuse the previous solve as the initial guess; the answer is still exact."""
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=16))
     options = {"tolerance": 1e-3} if solver == "paradigms" else {}
-    runner = PolicyRunner(trained_policy, make_solver(solver, **options), schedule, warm_start=True, seed=0)
-    obs = np.random.default_rng(0).uniform(100, 400, (1, 2, 18))
+    runner = PolicyRunner(trained_policy, make_solver(solver, **options), schedule, True, noise_policy, seed=0)
+    obs = np.random.default_rng(0).uniform(100, 400, (2, 2, 18))
     _, first, record = runner.plan(obs)
-    assert not record.warm
+    assert not record.warm  # the first inference of an episode is cold
     _, second, record = runner.plan(obs + 1.0)
     assert record.warm
     noise = runner._previous[1]
     with torch.inference_mode():
         cond = trained_policy.condition(obs + 1.0)
         reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, noise, cond)
-    assert (second.sample - reference.sample).abs().max() <= 1e-3
-    # The new x_T keeps the previous x_T's positions 8.. (shifted by the 8 executed actions).
-    assert torch.equal(noise.x_T[:, :8], first.trajectory[0][:, 8:])
+    assert second.converged and (second.sample - reference.sample).abs().max() <= 1e-3
+    shared = torch.equal(noise.x_T[:, :8], first.trajectory[0][:, 8:])
+    assert shared == (noise_policy == "coupled")  # coupled noise keeps the overlap's draws
+    runner.reset(seed=1)
+    assert not runner.plan(obs)[2].warm
+
+
+def test_unknown_noise_policy_is_rejected(trained_policy):
+    schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
+    with pytest.raises(ValueError, match="unknown noise policy 'same'"):
+        PolicyRunner(trained_policy, make_solver("sequential"), schedule, noise="same")
