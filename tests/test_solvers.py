@@ -20,6 +20,12 @@ EXACT_SOLVERS = [
     ("newton", {"jacobian": "broyden"}, 1e-3),
 ]
 SAMPLERS = [("ddpm", 100), ("ddim", 16)]
+# Tightened tolerances: the solvers then agree with the sequential sampler to float32 round-off.
+TIGHT_SOLVERS = [
+    ("paradigms", {"tolerance": 1e-5}, 1e-5),
+    ("parataa", {"tol_abs": 1e-7, "tol_rel": 0.0}, 1e-5),
+    ("newton", {"jacobian": "broyden", "tolerance": 1e-7}, 1e-5),
+]
 
 
 def _ids(case):
@@ -38,7 +44,7 @@ def _solve_both(net, kind, steps, batch, name, options, cond_dim, seed=0, init=N
     return reference, result
 
 
-@pytest.mark.parametrize("case", EXACT_SOLVERS, ids=_ids)
+@pytest.mark.parametrize("case", EXACT_SOLVERS + TIGHT_SOLVERS, ids=_ids)
 @pytest.mark.parametrize("kind,steps", SAMPLERS)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_random_network(random_net, case, kind, steps, batch):
