@@ -40,7 +40,9 @@ def rollout(cfg: DictConfig) -> dict:
     schedule = Schedule(ScheduleConfig(**{**policy.config.schedule.__dict__, **cfg.policy.schedule}), cfg.device)
     time_s = None if cfg.budget.time_ms is None else cfg.budget.time_ms / 1e3
     budget = Budget(cfg.budget.max_iterations, time_s)
-    runner = PolicyRunner(policy, solver, schedule, cfg.warm_start, cfg.solver.noise, budget)
+    runner = PolicyRunner(
+        policy, solver, schedule, cfg.warm_start, cfg.solver.noise, budget, check_exactness=cfg.check_exactness
+    )
     seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     if not seeds:
         raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
@@ -89,6 +91,8 @@ def rollout(cfg: DictConfig) -> dict:
         f"{results['n_episodes']} | {results['score']:.3f} | {results['success_rate']:.0%} | {lat['p50']:.1f} | "
         f"{lat['p95']:.1f} | {it['mean']:.1f} | {results['nfe']['mean']:.0f} |"
     )
+    if results["max_abs_dev"] is not None:
+        print(f"max |action - sequential action| over all inferences (normalized): {results['max_abs_dev']:.2e}")
     if results["unconverged_inferences"]:
         print(f"warning: {results['unconverged_inferences']} inferences hit their budget before converging")
     print(f"results written to {out_dir / 'results.json'}")

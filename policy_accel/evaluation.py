@@ -52,7 +52,10 @@ class RolloutOutcome:
             },
             "iterations": {"mean": float(its.mean()), "p95": float(np.percentile(its, 95)), "max": float(its.max())},
             "nfe": {"mean": float(np.mean([r.nfe for r in self.records]))},
+            "latencies_ms": [round(float(x), 3) for x in lat],
             "unconverged_inferences": int(sum(not r.converged for r in self.records)),
+            "warm_inferences": int(sum(r.warm for r in self.records)),
+            "max_abs_dev": max((r.deviation for r in self.records if r.deviation is not None), default=None),
             "episodes": [asdict(e) for e in self.episodes],
         }
 

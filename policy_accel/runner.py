@@ -26,6 +26,7 @@ import torch
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult
+from policy_accel.solvers.sequential import SequentialSolver
 
 NOISE_POLICIES = ("fresh", "coupled")
 
@@ -40,6 +41,7 @@ class InferenceRecord:
     converged: bool
     stop_reason: str
     warm: bool
+    deviation: float | None = None  # max |sample - sequential sample, same noise| (check_exactness only)
 
 
 def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor:
@@ -81,11 +83,14 @@ class PolicyRunner:
         noise: str = "fresh",
         budget: Budget | None = None,
         seed: int = 0,
+        check_exactness: bool = False,
     ):
         if noise not in NOISE_POLICIES:
             raise ValueError(f"unknown noise policy {noise!r}; valid: {', '.join(NOISE_POLICIES)}")
         self.policy = policy
         self.noise = noise
+        self.check_exactness = check_exactness
+        self._reference = SequentialSolver()
         self.solver = solver
         self.schedule = schedule
         self.warm_start = warm_start
@@ -133,7 +138,11 @@ class PolicyRunner:
         if not np.all(np.isfinite(actions)):
             raise RuntimeError(f"solver {self.solver.name!r} returned non-finite actions ({result.stop_reason})")
         self._previous = (result, noise)
+        deviation = None
+        if self.check_exactness:  # untimed: the sequential sampler on the same noise and observation
+            reference = self._reference.solve(self.policy.denoiser, self.schedule, noise, cond)
+            deviation = float((result.sample - reference.sample).abs().max())
         record = InferenceRecord(
-            latency, result.iterations, result.nfe, result.converged, result.stop_reason, init is not None
+            latency, result.iterations, result.nfe, result.converged, result.stop_reason, init is not None, deviation
         )
         return actions, result, record

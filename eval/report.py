@@ -1,0 +1,171 @@
+"""Aggregate rollout results into one table and plots.
+
+    python eval/report.py reports/pusht_cpu/runs --out reports/pusht_cpu
+    python eval/report.py multirun/rollout --out reports/my_sweep      # a Hydra multirun
+
+Reads every ``results.json`` under the given directories (finished runs only; re-running after an
+interrupted sweep loses nothing) and writes ``results.csv``, ``report.md``, ``latency_vs_reward.png``
+(score against median latency per control step, Pareto frontier drawn) and ``latency_distribution.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = [
+    "label",
+    "policy",
+    "solver",
+    "warm_start",
+    "noise",
+    "n_episodes",
+    "score",
+    "success_rate",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "iterations_mean",
+    "iterations_p95",
+    "nfe_mean",
+    "max_abs_dev",
+    "unconverged",
+    "exact",
+]
+
+
+def label(r: dict) -> str:
+    opts = r.get("solver_options") or {}
+    jac = f"[{opts['jacobian']}]" if "jacobian" in opts else ""
+    warm = " warm" if r["warm_start"] else ""
+    noise = f" {r.get('noise', 'fresh')}" if r.get("noise", "fresh") != "fresh" else ""
+    return f"{r['policy']} {r['solver']}{jac}{warm}{noise}"
+
+
+def load_results(dirs: list[Path]) -> list[dict]:
+    rows = []
+    for d in dirs:
+        for path in sorted(d.rglob("results.json")):
+            r = json.loads(path.read_text())
+            rows.append(
+                {
+                    "label": label(r),
+                    "policy": r["policy"],
+                    "solver": r["solver"],
+                    "warm_start": r["warm_start"],
+                    "noise": r.get("noise", "fresh"),
+                    "n_episodes": r["n_episodes"],
+                    "score": r["score"],
+                    "success_rate": r["success_rate"],
+                    "latency_p50_ms": r["latency_ms"]["p50"],
+                    "latency_p95_ms": r["latency_ms"]["p95"],
+                    "iterations_mean": r["iterations"]["mean"],
+                    "iterations_p95": r["iterations"]["p95"],
+                    "nfe_mean": r["nfe"]["mean"],
+                    "max_abs_dev": r.get("max_abs_dev"),
+                    "unconverged": r.get("unconverged_inferences", 0),
+                    # Every configuration here solves its sampler's chain exactly (to tolerance) unless it hit a budget.
+                    "exact": r.get("unconverged_inferences", 0) == 0,
+                    "_latencies": r.get("latencies_ms", []),
+                    "_seeds": r["seeds"],
+                }
+            )
+    return rows
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Configurations no other beats on both latency (lower) and score (higher)."""
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r["latency_p50_ms"], -r["score"])):
+        if r["score"] > best:
+            front.append(r)
+            best = r["score"]
+    return front
+
+
+def write_report(rows: list[dict], out: Path, title: str, command: str | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: r["latency_p50_ms"])
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    baseline = next((r for r in rows if r["policy"] == "ddpm100" and r["solver"] == "sequential"), None)
+    front = pareto(rows)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["latency_p50_ms"], r["score"], s=30)
+        ax.annotate(
+            r["label"], (r["latency_p50_ms"], r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.plot([r["latency_p50_ms"] for r in front], [r["score"] for r in front], "k--", lw=1, label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency per control step, batch 1 (ms, log)")
+    ax.set_ylabel("score (mean max reward)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_reward.png", dpi=120)
+    plt.close(fig)
+
+    with_lat = [r for r in rows if r["_latencies"]]
+    if with_lat:
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(with_lat) + 1.5))
+        ax.boxplot([r["_latencies"] for r in with_lat], vert=False, showfliers=True, flierprops={"markersize": 2})
+        ax.set_yticks(range(1, len(with_lat) + 1), [r["label"] for r in with_lat], fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency per inference (ms, log)")
+        fig.tight_layout()
+        fig.savefig(out / "latency_distribution.png", dpi=120)
+        plt.close(fig)
+
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Made by:", "", f"    {command}", ""]
+    seeds = sorted({tuple(r["_seeds"]) for r in rows})
+    lines += [
+        f"Seeds: {', '.join(f'{s[0]}-{s[-1]} ({len(s)})' for s in seeds)}. Latency per control step at batch 1.",
+        "",
+    ]
+    lines += [
+        "| configuration | score | success | p50 ms | p95 ms | vs seq. DDPM-100 | iterations (mean / p95) | "
+        "nfe | max dev | exact | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{baseline['latency_p50_ms'] / r['latency_p50_ms']:.2f}x" if baseline else "–"
+        dev = "–" if r["max_abs_dev"] is None else f"{r['max_abs_dev']:.1e}"
+        lines.append(
+            f"| {r['label']} | {r['score']:.3f} | {r['success_rate']:.0%} | {r['latency_p50_ms']:.1f} | "
+            f"{r['latency_p95_ms']:.1f} | {ratio} | {r['iterations_mean']:.1f} / {r['iterations_p95']:.0f} | "
+            f"{r['nfe_mean']:.0f} | {dev} | {'yes' if r['exact'] else 'no'} | {'*' if r in front else ''} |"
+        )
+    lines += ["", "![latency vs reward](latency_vs_reward.png)", ""]
+    if with_lat:
+        lines += ["![latency distribution](latency_distribution.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", type=Path, help="directories searched for results.json")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--title", default="PushT: latency vs reward")
+    parser.add_argument("--command", default=None, help="the command that produced the runs, quoted in the report")
+    args = parser.parse_args()
+    rows = load_results(args.dirs)
+    if not rows:
+        raise SystemExit(f"no results.json under {', '.join(map(str, args.dirs))}")
+    write_report(rows, args.out, args.title, args.command)
+    print(f"{len(rows)} configurations -> {args.out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
