@@ -36,7 +36,7 @@ COLUMNS = [
     "nfe_mean",
     "max_abs_dev",
     "unconverged",
-    "exact",
+    "all_converged",
 ]
 
 
@@ -71,7 +71,7 @@ def load_results(dirs: list[Path]) -> list[dict]:
                     "max_abs_dev": r.get("max_abs_dev"),
                     "unconverged": r.get("unconverged_inferences", 0),
                     # Every configuration here solves its sampler's chain exactly (to tolerance) unless it hit a budget.
-                    "exact": r.get("unconverged_inferences", 0) == 0,
+                    "all_converged": r.get("unconverged_inferences", 0) == 0,
                     "_latencies": r.get("latencies_ms", []),
                     "_seeds": r["seeds"],
                 }
@@ -136,7 +136,7 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
     ]
     lines += [
         "| configuration | score | success | p50 ms | p95 ms | vs seq. DDPM-100 | iterations (mean / p95) | "
-        "nfe | max dev | exact | Pareto |",
+        "nfe | max dev | all converged | Pareto |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -145,7 +145,7 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
         lines.append(
             f"| {r['label']} | {r['score']:.3f} | {r['success_rate']:.0%} | {r['latency_p50_ms']:.1f} | "
             f"{r['latency_p95_ms']:.1f} | {ratio} | {r['iterations_mean']:.1f} / {r['iterations_p95']:.0f} | "
-            f"{r['nfe_mean']:.0f} | {dev} | {'yes' if r['exact'] else 'no'} | {'*' if r in front else ''} |"
+            f"{r['nfe_mean']:.0f} | {dev} | {'yes' if r['all_converged'] else 'no'} | {'*' if r in front else ''} |"
         )
     lines += ["", "![latency vs reward](latency_vs_reward.png)", ""]
     if with_lat:
