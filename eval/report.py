@@ -51,7 +51,8 @@ def label(r: dict) -> str:
 def load_results(dirs: list[Path]) -> list[dict]:
     rows = []
     for d in dirs:
-        for path in sorted(d.rglob("results.json")):
+        # One configuration per sub-directory (a benchmark's runs/<name>/ or a Hydra multirun's <n>_<name>/).
+        for path in sorted(d.glob("*/results.json")):
             r = json.loads(path.read_text())
             rows.append(
                 {
@@ -74,6 +75,7 @@ def load_results(dirs: list[Path]) -> list[dict]:
                     "all_converged": r.get("unconverged_inferences", 0) == 0,
                     "_latencies": r.get("latencies_ms", []),
                     "_seeds": r["seeds"],
+                    "_latency_seeds": r.get("latency_seeds", r["seeds"]),
                 }
             )
     return rows
@@ -118,7 +120,9 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
     with_lat = [r for r in rows if r["_latencies"]]
     if with_lat:
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(with_lat) + 1.5))
-        ax.boxplot([r["_latencies"] for r in with_lat], vert=False, showfliers=True, flierprops={"markersize": 2})
+        ax.boxplot(
+            [r["_latencies"] for r in with_lat], orientation="horizontal", showfliers=True, flierprops={"markersize": 2}
+        )
         ax.set_yticks(range(1, len(with_lat) + 1), [r["label"] for r in with_lat], fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("latency per inference (ms, log)")
@@ -130,8 +134,11 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
     if command:
         lines += ["Made by:", "", f"    {command}", ""]
     seeds = sorted({tuple(r["_seeds"]) for r in rows})
+    lat_seeds = sorted({tuple(r["_latency_seeds"]) for r in rows})
     lines += [
-        f"Seeds: {', '.join(f'{s[0]}-{s[-1]} ({len(s)})' for s in seeds)}. Latency per control step at batch 1.",
+        f"Score and success over seeds {', '.join(f'{s[0]}-{s[-1]} ({len(s)})' for s in seeds)}; latency, "
+        f"iterations and network calls per control step at batch 1 over seeds "
+        f"{', '.join(f'{s[0]}-{s[-1]} ({len(s)})' for s in lat_seeds)}.",
         "",
     ]
     lines += [
