@@ -28,7 +28,7 @@ def diffusers_loop(net, config: ScheduleConfig, cond: torch.Tensor, shape, seed:
     return x, Noise(x_T, z)
 
 
-@pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddim", 16), ("ddim", 10)])
+@pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddim", 10), ("ddim", 16), ("ddim", 100)])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_sequential_matches_diffusers_loop(random_net, kind, steps, batch):
     config = ScheduleConfig(kind=kind, num_inference_steps=steps)
@@ -37,7 +37,7 @@ def test_sequential_matches_diffusers_loop(random_net, kind, steps, batch):
     with torch.no_grad():
         result = make_solver("sequential").solve(random_net, Schedule(config), noise, cond)
     assert result.converged and result.iterations == steps and result.nfe == steps * batch
-    torch.testing.assert_close(result.sample, expected, rtol=0, atol=1e-5)
+    assert (result.sample - expected).abs().max() <= 1e-6
 
 
 def test_sequential_budget_returns_a_flagged_finite_estimate(random_net):
