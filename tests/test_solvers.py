@@ -105,6 +105,7 @@ def test_budget_is_reported_and_the_chunk_is_still_valid(random_net, name, budge
         ("parataa", {"order": 0}, "order"),
         ("newton", {"jacobian": "exact"}, "unknown Jacobian strategy"),
         ("newton", {"tolerance": -1}, "tolerance"),
+        ("newton", {"recursion": "cr"}, "unknown recursion"),
     ],
 )
 def test_bad_solver_names_and_options_fail_clearly(name, options, match):
@@ -128,3 +129,17 @@ def test_mismatched_noise_and_init_are_rejected(random_net):
 def test_bad_budget_is_rejected(kwargs):
     with pytest.raises(ValueError):
         Budget(**kwargs)
+
+
+def test_affine_recursion_scan_equals_loop():
+    from policy_accel.solvers.newton import affine_recursion
+
+    g = torch.Generator().manual_seed(0)
+    coupling = 0.3 * torch.randn(37, 2, 5, 5, generator=g, dtype=torch.float64)
+    offsets = torch.randn(37, 2, 5, generator=g, dtype=torch.float64)
+    loop = affine_recursion(coupling, offsets, "loop")
+    torch.testing.assert_close(affine_recursion(coupling, offsets, "scan"), loop)
+    d = torch.zeros(2, 5, dtype=torch.float64)
+    for j in range(3):
+        d = (coupling[j] @ d.unsqueeze(-1)).squeeze(-1) + offsets[j]
+    torch.testing.assert_close(loop[2], d)

@@ -78,10 +78,37 @@ def step_jacobians(
     return stepped, jac.view(L, B, D, D)
 
 
+def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str = "scan") -> torch.Tensor:
+    """All d_{j+1} = A_j d_j + c_j for j = 0..L-1 from d_0 = 0: coupling A (L, B, D, D), offsets c (L, B, D).
+
+    ``loop`` runs the recursion step by step (L small products); ``scan`` composes the affine maps
+    with a doubling (Hillis-Steele) prefix scan: log2(L) rounds of batched products, the form that
+    parallelises on wide hardware. Both return (L, B, D) = d_1..d_L.
+    """
+    if method == "loop":
+        out = torch.empty_like(offsets)
+        d = torch.zeros_like(offsets[0])
+        for j in range(offsets.shape[0]):
+            d = (coupling[j] @ d.unsqueeze(-1)).squeeze(-1) + offsets[j]
+            out[j] = d
+        return out
+    A, c = coupling.clone(), offsets.clone()
+    shift = 1
+    while shift < A.shape[0]:
+        # Compose map j with the prefix ending at j - shift: x -> A_j (A_p x + c_p) + c_j.
+        c_new = (A[shift:] @ c[:-shift].unsqueeze(-1)).squeeze(-1) + c[shift:]
+        A_new = A[shift:] @ A[:-shift]
+        c = torch.cat([c[:shift], c_new])
+        A = torch.cat([A[:shift], A_new])
+        shift *= 2
+    return c
+
+
 @dataclass
 class NewtonSolver:
     jacobian: str = "fresh"
     tolerance: float = 1e-4  # max |y_{j+1} - step_j(y_j) - xi_j| over every step, normalized units
+    recursion: str = "loop"  # "loop" | "scan": how the linear recursion is solved (see affine_recursion)
     name: str = "newton"
 
     def __post_init__(self) -> None:
@@ -89,6 +116,8 @@ class NewtonSolver:
             raise ValueError(f"unknown Jacobian strategy {self.jacobian!r}; valid: {', '.join(JACOBIAN_STRATEGIES)}")
         if not self.tolerance > 0:
             raise ValueError(f"newton tolerance={self.tolerance} must be > 0")
+        if self.recursion not in ("loop", "scan"):
+            raise ValueError(f"unknown recursion {self.recursion!r}; valid: loop, scan")
 
     def solve(
         self,
@@ -144,17 +173,14 @@ class NewtonSolver:
             first_bad = int(bad[0])
             use_newton = residual <= prev_residual
             prev_residual = residual
-            # Newton update of the unconverged suffix; its first state only needs converged inputs.
-            new = traj.clone()
+            # Newton update of the unconverged suffix. With d_j = y_j - ybar_j the linearised chain is
+            # d_{j+1} = J_j d_j + (target_j - ybar_{j+1}), and d_base = 0: y_base's inputs have converged.
             base = frozen + first_bad
-            delta = torch.zeros(B, D, device=traj.device, dtype=traj.dtype)
-            for j in range(base, T):
-                k = j - frozen
-                y_next = target[k].reshape(B, D)
-                if use_newton and j > base:
-                    y_next = y_next + torch.bmm(jac[j], delta.unsqueeze(-1)).squeeze(-1)
-                new[j + 1] = y_next.view(B, *shape)
-                delta = y_next - traj[j + 1].reshape(B, D)
+            offsets = (target[first_bad:] - traj[base + 1 :]).reshape(T - base, B, D)
+            coupling = jac[base:] if use_newton else torch.zeros_like(jac[base:])
+            delta = affine_recursion(coupling, offsets, self.recursion)
+            new = traj.clone()
+            new[base + 1 :] = traj[base + 1 :] + delta.view(T - base, B, *shape)
             prev_states, prev_stepped = states, stepped
             traj = new
             frozen = base + 1
