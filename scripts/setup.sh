@@ -4,7 +4,7 @@
 # "torch" requirement on a fresh venv could pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3.11}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 if [ -f .venv/.installed ] && [ .venv/.installed -nt pyproject.toml ]; then
   exit 0
 fi
