@@ -41,11 +41,11 @@ def _run(cfg: DictConfig, overrides: list[str], run_dir: Path, seeds: list[int],
         "rollout",
         overrides=[
             f"task={cfg.task}",
+            f"threads={cfg.threads}",
+            f"check_exactness={cfg.check_exactness}",
             *overrides,
             f"seeds=[{','.join(map(str, seeds))}]",
             f"env_batch={env_batch}",
-            f"threads={cfg.threads}",
-            f"check_exactness={cfg.check_exactness}",
             f"out_dir={run_dir}",
         ],
     )
