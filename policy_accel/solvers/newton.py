@@ -107,7 +107,7 @@ def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str 
 @dataclass
 class NewtonSolver:
     jacobian: str = "fresh"
-    tolerance: float = 1e-4  # max |y_{j+1} - step_j(y_j) - xi_j| over every step, normalized units
+    tolerance: float = 2e-5  # max |y_{j+1} - step_j(y_j) - xi_j| over every step, normalized units
     recursion: str = "loop"  # "loop" | "scan": how the linear recursion is solved (see affine_recursion)
     name: str = "newton"
 

@@ -31,7 +31,7 @@ from policy_accel.solvers.base import (
 @dataclass
 class ParadigmsSolver:
     window: int = 16
-    tolerance: float = 0.1
+    tolerance: float = 0.01  # ParaDiGMS uses 0.1; measured here it let one of 30 PushT solves end 0.53 off
     name: str = "paradigms"
 
     def __post_init__(self) -> None:
