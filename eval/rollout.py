@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from policy_accel.checkpoint import load_policy  # noqa: E402
 from policy_accel.evaluation import run_episodes  # noqa: E402
 from policy_accel.runner import PolicyRunner  # noqa: E402
-from policy_accel.schedule import Schedule, ScheduleConfig  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402
 from policy_accel.solvers.base import Budget  # noqa: E402
 from policy_accel.tasks import env_factory  # noqa: E402
@@ -37,7 +36,7 @@ def rollout(cfg: DictConfig) -> dict:
     make_env = env_factory(cfg.task.name)
     solver = make_solver(cfg.solver.name, **OmegaConf.to_container(cfg.solver.options))
     policy = load_policy(cfg.checkpoint, device=cfg.device)
-    schedule = Schedule(ScheduleConfig(**{**policy.config.schedule.__dict__, **cfg.policy.schedule}), cfg.device)
+    schedule = policy.schedule(**cfg.policy.schedule)
     time_s = None if cfg.budget.time_ms is None else cfg.budget.time_ms / 1e3
     budget = Budget(cfg.budget.max_iterations, time_s)
     runner = PolicyRunner(

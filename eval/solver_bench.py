@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
 from policy_accel.data import SequenceDataset, load_replay_buffer, pusht_lowdim_obs  # noqa: E402
-from policy_accel.schedule import Schedule, ScheduleConfig  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402
 
 log = logging.getLogger("solver_bench")
@@ -46,7 +45,7 @@ def dataset_observations(task: DictConfig, n: int, seed: int) -> np.ndarray:
 def bench(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint)
-    schedule = Schedule(ScheduleConfig(**{**policy.config.schedule.__dict__, **cfg.policy.schedule}))
+    schedule = policy.schedule(**cfg.policy.schedule)
     unknown = [c for c in cfg.configurations if c not in cfg.solvers]
     if unknown:
         raise ValueError(f"unknown configurations {unknown}; defined: {list(cfg.solvers)}")

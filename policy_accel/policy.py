@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -79,6 +79,10 @@ class DiffusionPolicy:
     def chunk_shape(self) -> tuple[int, int]:
         return (self.config.horizon, self.config.action_dim)
 
+    def schedule(self, **overrides) -> Schedule:
+        """The training schedule, or a sampler variant of it (e.g. ``kind="ddim", num_inference_steps=10``)."""
+        return Schedule(replace(self.config.schedule, **overrides), self.device)
+
     def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
         return self.model(sample, timestep, global_cond)
 
@@ -128,7 +132,7 @@ class DiffusionPolicy:
         generator: torch.Generator | None = None,
     ) -> tuple[np.ndarray, SolveResult]:
         """One cold inference with fresh noise: executed actions (B, n_action_steps, A) and the solve's stats."""
-        schedule = schedule or Schedule(self.config.schedule, self.device)
+        schedule = schedule or self.schedule()
         cond = self.condition(obs_history)
         noise = self.draw_noise(schedule, cond.shape[0], generator)
         result = self.sample(cond, solver, schedule, noise)
