@@ -2,6 +2,6 @@
 # Set up (first time only), lint, and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+./scripts/setup.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"
