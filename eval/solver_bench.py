@@ -25,19 +25,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
-from policy_accel.data import SequenceDataset, load_replay_buffer, pusht_lowdim_obs  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402
+from policy_accel.train import build_dataset  # noqa: E402
 
 log = logging.getLogger("solver_bench")
 
 
 def dataset_observations(task: DictConfig, n: int, seed: int) -> np.ndarray:
     """``n`` observation histories (n, n_obs_steps, obs_dim) from random windows of the dataset."""
-    buffer = load_replay_buffer(task.dataset)
-    obs = pusht_lowdim_obs(buffer)
-    dataset = SequenceDataset(
-        obs, buffer["action"], buffer["episode_ends"], task.horizon, task.n_obs_steps, task.n_action_steps
-    )
+    dataset = build_dataset(task, max_episodes=None)[0]
     rows = np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)
     return dataset.batch(rows)[0].numpy()
 

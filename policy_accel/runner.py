@@ -64,13 +64,8 @@ def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor
 
 def shift_horizon(x: torch.Tensor, shift: int, fill: torch.Tensor | None = None) -> torch.Tensor:
     """Shift ``x`` (..., H, A) left by ``shift`` along H; the tail repeats the last entry or takes ``fill``."""
-    out = torch.empty_like(x)
-    out[..., : x.shape[-2] - shift, :] = x[..., shift:, :]
-    if fill is None:
-        out[..., x.shape[-2] - shift :, :] = x[..., -1:, :]
-    else:
-        out[..., x.shape[-2] - shift :, :] = fill
-    return out
+    tail = x[..., -1:, :].expand(*x.shape[:-2], shift, x.shape[-1]) if fill is None else fill
+    return torch.cat([x[..., shift:, :], tail], dim=-2)
 
 
 class PolicyRunner:

@@ -78,7 +78,7 @@ def step_jacobians(
     return stepped, jac.view(L, B, D, D)
 
 
-def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str = "scan") -> torch.Tensor:
+def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str = "loop") -> torch.Tensor:
     """All d_{j+1} = A_j d_j + c_j for j = 0..L-1 from d_0 = 0: coupling A (L, B, D, D), offsets c (L, B, D).
 
     ``loop`` runs the recursion step by step (L small products); ``scan`` composes the affine maps
@@ -92,7 +92,7 @@ def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str 
             d = (coupling[j] @ d.unsqueeze(-1)).squeeze(-1) + offsets[j]
             out[j] = d
         return out
-    A, c = coupling.clone(), offsets.clone()
+    A, c = coupling, offsets  # never modified in place: every round builds new tensors
     shift = 1
     while shift < A.shape[0]:
         # Compose map j with the prefix ending at j - shift: x -> A_j (A_p x + c_p) + c_j.
