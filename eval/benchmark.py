@@ -1,55 +1,77 @@
-"""Latency-vs-reward sweep: run every configuration of ``configs/benchmark.yaml`` closed loop on the
-same test seeds, then write the aggregated report (eval/report.py).
+"""Latency-vs-reward sweep: run configurations (``configs/experiment/<name>.yaml``) closed loop on the same
+test seeds, then write the aggregated report (eval/report.py).
 
-Each configuration runs in two passes: a *score* pass over all seeds with episodes batched
-``score_env_batch`` at a time (one batched inference per control step for the group; exact solvers
-return the same actions as at batch 1, up to tolerance), and a *latency* pass at batch 1, what a robot
-sees, over the first ``latency_episodes`` seeds, which gives latency, iterations and network calls.
+Each configuration runs in two passes, and each pass is ONE Hydra multirun of eval/rollout.py over all the
+configurations (``rollout.py -m +experiment=a,b,...``), dispatched by whichever Hydra launcher the pass names:
+
+* the *score* pass runs every seed with episodes batched ``score_env_batch`` at a time (one batched inference
+  per control step for the group; exact solvers return the same actions as at batch 1, up to tolerance). It
+  measures no latency, so its jobs run side by side (``score_launcher``: joblib locally, or Ray on a cluster).
+* the *latency* pass runs the first ``latency_episodes`` seeds at batch 1, what a robot sees, and gives
+  latency, iterations and network calls. Timing jobs must not share the machine: ``latency_launcher`` runs one
+  job at a time (Hydra's basic launcher, or ``[hydra/launcher=joblib,hydra.launcher.n_jobs=1]``).
+
 Set ``score_env_batch=1 latency_episodes=50`` for a single batch-1 pass.
 
-    python eval/benchmark.py                                   # all configurations, 50 seeds
+    python eval/benchmark.py                                   # the default configurations, 50 seeds
     python eval/benchmark.py n_episodes=5 out_dir=/tmp/bench   # a quick look
+    python eval/benchmark.py "score_launcher=['hydra/launcher=ray']"   # score pass on Ray (ray.init config:
+    # hydra.launcher.ray.init.address=auto joins a running cluster; default: a local instance)
 
-Resumable: a configuration whose ``runs/<name>/results.json`` exists is not run again. Runs are
-sequential on purpose: two runs side by side on a small CPU would distort the latencies measured.
+Layout: ``<out_dir>/runs/<name>/passes/{score,latency}/results.json`` (the multirun jobs),
+``<out_dir>/runs/<name>/results.json`` (merged), ``<out_dir>/report.md``. Resumable: run the same command
+again; a job whose results.json exists is skipped (``rollout.py skip_existing=true``), a configuration whose
+merged results.json exists is not launched at all, and the report always aggregates whatever finished.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+EXPERIMENTS = ROOT / "configs" / "experiment"
 sys.path.insert(0, str(ROOT / "eval"))
 
 from report import load_results, write_report  # noqa: E402
-from rollout import rollout  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
 
-def _run(cfg: DictConfig, overrides: list[str], run_dir: Path, seeds: list[int], env_batch: int) -> dict:
-    if (run_dir / "results.json").exists():
-        return json.loads((run_dir / "results.json").read_text())
-    run_cfg = compose(
-        "rollout",
-        overrides=[
-            f"task={cfg.task}",
-            f"threads={cfg.threads}",
-            f"check_exactness={cfg.check_exactness}",
-            *overrides,
-            f"seeds=[{','.join(map(str, seeds))}]",
-            f"env_batch={env_batch}",
-            f"out_dir={run_dir}",
-        ],
-    )
-    return rollout(run_cfg)
+def _load(path: Path) -> dict | None:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def multirun(
+    cfg: DictConfig, names: list[str], pass_name: str, seeds: list[int], env_batch: int, threads: int, launcher
+) -> int:
+    """One ``rollout.py -m`` over ``names`` into ``<out_dir>/runs/<name>/passes/<pass_name>/``; its exit status."""
+    command = [
+        sys.executable,
+        str(ROOT / "eval" / "rollout.py"),
+        "--multirun",
+        *launcher,
+        f"+experiment={','.join(names)}",
+        f"task={cfg.task}",
+        f"seeds=[{','.join(map(str, seeds))}]",
+        f"env_batch={env_batch}",
+        f"threads={threads}",
+        "skip_existing=true",
+        f"hydra.sweep.dir={Path(cfg.out_dir).resolve() / 'runs'}",
+        f"hydra.sweep.subdir=${{hydra.runtime.choices.experiment}}/passes/{pass_name}",
+    ]
+    log.info("%s pass: %s", pass_name, " ".join(command[1:]))
+    return subprocess.run(command).returncode
 
 
 def merge(score: dict, latency: dict) -> dict:
@@ -66,35 +88,55 @@ def merge(score: dict, latency: dict) -> dict:
 
 def run_sweep(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir)
-    names = list(cfg.configurations) if cfg.only is None else list(cfg.only)
-    unknown = [n for n in names if n not in cfg.configurations]
+    defined = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+    names = defined if cfg.only is None else list(cfg.only)
+    unknown = [n for n in names if n not in defined]
     if unknown:
-        raise ValueError(f"unknown configurations {unknown}; defined: {', '.join(cfg.configurations)}")
+        raise ValueError(f"unknown configurations {unknown}; defined in {EXPERIMENTS}: {', '.join(defined)}")
     seeds = list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     latency_seeds = seeds[: cfg.latency_episodes]
+    if cfg.score_env_batch == 1 and len(latency_seeds) == len(seeds):  # one batch-1 pass gives everything
+        passes = [("single", seeds, 1, cfg.threads, cfg.latency_launcher)]
+    else:
+        passes = [
+            ("score", seeds, cfg.score_env_batch, cfg.score_threads, cfg.score_launcher),
+            ("latency", latency_seeds, 1, cfg.threads, cfg.latency_launcher),
+        ]
+    todo = []
     for name in names:
-        run_dir = out / "runs" / name
-        if (run_dir / "results.json").exists():
-            log.info("%s: done already, skipped", name)
-            continue
-        overrides = list(cfg.configurations[name])
-        log.info("%s: %s", name, " ".join(overrides))
-        if cfg.score_env_batch == 1 and len(latency_seeds) == len(seeds):
-            results = _run(cfg, overrides, run_dir / "passes" / "single", seeds, 1)
+        if _load(out / "runs" / name / "results.json") is None:
+            todo.append(name)
         else:
-            score = _run(cfg, overrides, run_dir / "passes" / "score", seeds, cfg.score_env_batch)
-            results = merge(score, _run(cfg, overrides, run_dir / "passes" / "latency", latency_seeds, 1))
+            log.info("%s: done already, skipped", name)
+    failed = []
+    if todo:
+        for pass_name, pass_seeds, env_batch, threads, launcher in passes:
+            # A failed job does not stop the other pass: whatever finished is kept and merged below.
+            if multirun(cfg, todo, pass_name, pass_seeds, env_batch, threads, OmegaConf.to_container(launcher)):
+                failed.append(pass_name)
+    for name in todo:
+        run_dir = out / "runs" / name
+        done = [_load(run_dir / "passes" / p[0] / "results.json") for p in passes]
+        if any(r is None for r in done):
+            log.warning("%s: unfinished, left out of the report (run the same command again to resume)", name)
+            continue
+        results = done[0] if len(done) == 1 else merge(*done)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     command = "python eval/benchmark.py " + " ".join(sys.argv[1:])
-    write_report(load_results([out / "runs"]), out, f"{cfg.task}: latency vs reward (CPU)", command.strip())
-    log.info("report written to %s", out / "report.md")
+    rows = load_results([out / "runs"])
+    if rows:
+        write_report(rows, out, f"{cfg.task}: latency vs reward (CPU)", command.strip())
+        log.info("report written to %s", out / "report.md")
+    if failed:
+        raise SystemExit(f"jobs failed in the {' and '.join(failed)} pass(es); the report holds the finished runs")
 
 
 def main() -> None:
-    """Hydra-style overrides on the command line; composed here so each run's config composes too."""
+    """Hydra-style overrides on the command line (configs/benchmark.yaml)."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        run_sweep(compose("benchmark", overrides=sys.argv[1:]))
+        cfg = compose("benchmark", overrides=sys.argv[1:])
+    run_sweep(cfg)
 
 
 if __name__ == "__main__":

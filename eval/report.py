@@ -1,11 +1,13 @@
 """Aggregate rollout results into one table and plots.
 
     python eval/report.py reports/pusht_cpu/runs --out reports/pusht_cpu
-    python eval/report.py multirun/rollout --out reports/my_sweep      # a Hydra multirun
+    python eval/report.py multirun/rollout/<stamp> --out reports/my_sweep   # a Hydra multirun (any launcher)
 
-Reads every ``results.json`` under the given directories (finished runs only; re-running after an
-interrupted sweep loses nothing) and writes ``results.csv``, ``report.md``, ``latency_vs_reward.png``
-(score against median latency per control step, Pareto frontier drawn) and ``latency_distribution.png``.
+Reads ``<dir>/<run>/results.json`` for every run directory under the given directories (a benchmark's
+``runs/<name>/``, a multirun's ``<job number>/``). Runs whose results.json is missing (unfinished, failed) or
+invalid are skipped with a warning, so an interrupted sweep aggregates what finished, and re-aggregating after
+it is resumed loses nothing. Writes ``results.csv``, ``report.md``, ``latency_vs_reward.png`` (score against
+median latency per control step, Pareto frontier drawn) and ``latency_distribution.png``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+log = logging.getLogger("report")
 COLUMNS = [
     "label",
     "policy",
@@ -48,36 +52,54 @@ def label(r: dict) -> str:
     return f"{r['policy']} {r['solver']}{jac}{warm}{noise}"
 
 
+def _row(r: dict) -> dict:
+    return {
+        "label": label(r),
+        "policy": r["policy"],
+        "solver": r["solver"],
+        "warm_start": r["warm_start"],
+        "noise": r.get("noise", "fresh"),
+        "n_episodes": r["n_episodes"],
+        "score": r["score"],
+        "success_rate": r["success_rate"],
+        "latency_p50_ms": r["latency_ms"]["p50"],
+        "latency_p95_ms": r["latency_ms"]["p95"],
+        "iterations_mean": r["iterations"]["mean"],
+        "iterations_p95": r["iterations"]["p95"],
+        "nfe_mean": r["nfe"]["mean"],
+        "max_abs_dev": r.get("max_abs_dev"),
+        "unconverged": r.get("unconverged_inferences", 0),
+        # Every configuration here solves its sampler's chain exactly (to tolerance) unless it hit a budget.
+        "all_converged": r.get("unconverged_inferences", 0) == 0,
+        "_latencies": r.get("latencies_ms", []),
+        "_seeds": r["seeds"],
+        "_latency_seeds": r.get("latency_seeds", r["seeds"]),
+    }
+
+
+def read_run(path: Path) -> dict | None:
+    """The report row of one results.json, or None (with a warning) when it is missing or invalid."""
+    if not path.is_file():
+        log.warning("%s: no results.json (unfinished or failed run), skipped", path.parent)
+        return None
+    try:
+        return _row(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s: invalid (%s: %s), skipped", path, type(e).__name__, e)
+        return None
+
+
 def load_results(dirs: list[Path]) -> list[dict]:
+    """One row per run directory directly under each of ``dirs``; unfinished or broken runs are left out."""
     rows = []
     for d in dirs:
-        # One configuration per sub-directory (a benchmark's runs/<name>/ or a Hydra multirun's <n>_<name>/).
-        for path in sorted(d.glob("*/results.json")):
-            r = json.loads(path.read_text())
-            rows.append(
-                {
-                    "label": label(r),
-                    "policy": r["policy"],
-                    "solver": r["solver"],
-                    "warm_start": r["warm_start"],
-                    "noise": r.get("noise", "fresh"),
-                    "n_episodes": r["n_episodes"],
-                    "score": r["score"],
-                    "success_rate": r["success_rate"],
-                    "latency_p50_ms": r["latency_ms"]["p50"],
-                    "latency_p95_ms": r["latency_ms"]["p95"],
-                    "iterations_mean": r["iterations"]["mean"],
-                    "iterations_p95": r["iterations"]["p95"],
-                    "nfe_mean": r["nfe"]["mean"],
-                    "max_abs_dev": r.get("max_abs_dev"),
-                    "unconverged": r.get("unconverged_inferences", 0),
-                    # Every configuration here solves its sampler's chain exactly (to tolerance) unless it hit a budget.
-                    "all_converged": r.get("unconverged_inferences", 0) == 0,
-                    "_latencies": r.get("latencies_ms", []),
-                    "_seeds": r["seeds"],
-                    "_latency_seeds": r.get("latency_seeds", r["seeds"]),
-                }
-            )
+        if not d.is_dir():
+            log.warning("%s is not a directory, skipped", d)
+            continue
+        for run in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            row = read_run(run / "results.json")
+            if row is not None:
+                rows.append(row)
     return rows
 
 
@@ -167,6 +189,7 @@ def main() -> None:
     parser.add_argument("--title", default="PushT: latency vs reward")
     parser.add_argument("--command", default=None, help="the command that produced the runs, quoted in the report")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     rows = load_results(args.dirs)
     if not rows:
         raise SystemExit(f"no results.json under {', '.join(map(str, args.dirs))}")

@@ -3,6 +3,8 @@
     python eval/rollout.py task=pusht solver=paradigms
     python eval/rollout.py task=pusht solver=newton policy=ddpm100 warm_start=true n_episodes=5
     python eval/rollout.py -m solver=sequential,paradigms warm_start=false,true   # a sweep
+    python eval/rollout.py task=pusht policy.path=PATH solver=paradigms   # your own DP / LeRobot checkpoint
+    python eval/rollout.py -m hydra/launcher=joblib +experiment=seq_ddim4,paradigms   # jobs in parallel
 
 Writes ``results.json`` (score = mean over episodes of max reward, success rate, per-inference
 latency and iteration statistics, per-episode results) into the run directory.
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
 from policy_accel.evaluation import run_episodes  # noqa: E402
+from policy_accel.policy import DiffusionPolicy  # noqa: E402
 from policy_accel.runner import PolicyRunner  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402
 from policy_accel.solvers.base import Budget  # noqa: E402
@@ -31,12 +34,64 @@ from policy_accel.tasks import env_factory  # noqa: E402
 log = logging.getLogger("rollout")
 
 
+def finished_run(cfg: DictConfig, seeds: list[int], checkpoint: str) -> dict | None:
+    """``skip_existing``: the results.json already in ``out_dir`` when it is a finished run of this configuration,
+    None when there is none (or it was cut off mid-write). One that records another configuration is an error:
+    a re-launched sweep must map every job to the same directory (same overrides, same ``hydra.sweep.dir``)."""
+    path = Path(cfg.out_dir) / "results.json"
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict):
+        return None
+    this = {
+        "task": cfg.task.name,
+        "solver": cfg.solver.name,
+        "policy": cfg.policy.name,
+        "solver_options": OmegaConf.to_container(cfg.solver.options),
+        "warm_start": bool(cfg.warm_start),
+        "noise": cfg.solver.noise,
+        "checkpoint": str(checkpoint),
+        "env_batch": cfg.env_batch,
+        "threads": cfg.threads,
+        "seeds": seeds,
+    }
+    differ = {k: (done.get(k), v) for k, v in this.items() if done.get(k) != v}
+    if differ:
+        raise ValueError(f"skip_existing: {path} holds another run; (found, this run): {differ}")
+    return done
+
+
+def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) -> None:
+    """Refuse a policy whose observation/action sizes differ from the task's: it was trained for something else."""
+    got = (policy.config.obs_dim, policy.config.action_dim)
+    want = (task.obs_dim, task.action_dim)
+    if got != want:
+        raise ValueError(
+            f"checkpoint {checkpoint} expects obs_dim={got[0]}, action_dim={got[1]}, but task {task.name!r} has "
+            f"obs_dim={want[0]}, action_dim={want[1]}: the policy was trained for another task or observation layout"
+        )
+
+
 def rollout(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     make_env = env_factory(cfg.task.name)
     solver = make_solver(cfg.solver.name, **OmegaConf.to_container(cfg.solver.options))
-    policy = load_policy(cfg.checkpoint, device=cfg.device)
+    checkpoint = cfg.policy.get("path") or cfg.checkpoint
+    policy = load_policy(checkpoint, device=cfg.device, trust_pickle=bool(cfg.policy.get("trust_pickle", False)))
+    check_task_dims(policy, cfg.task, checkpoint)
+    native = policy.config.schedule
     schedule = policy.schedule(**cfg.policy.schedule)
+    if (schedule.config.kind, schedule.config.num_inference_steps) != (native.kind, native.num_inference_steps):
+        log.info(
+            "sampler %s (%s, %d steps) replaces the checkpoint's own (%s, %d steps); policy=native keeps it",
+            cfg.policy.name,
+            schedule.config.kind,
+            schedule.config.num_inference_steps,
+            native.kind,
+            native.num_inference_steps,
+        )
     time_s = None if cfg.budget.time_ms is None else cfg.budget.time_ms / 1e3
     budget = Budget(cfg.budget.max_iterations, time_s)
     runner = PolicyRunner(
@@ -45,10 +100,13 @@ def rollout(cfg: DictConfig) -> dict:
     seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     if not seeds:
         raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
+    if cfg.skip_existing and (done := finished_run(cfg, seeds, checkpoint)) is not None:
+        log.info("%s already holds this run's results.json: skipped (skip_existing=true)", cfg.out_dir)
+        return done
     log.info(
         "task %s, checkpoint %s, %s with %s (%s), warm_start=%s, noise=%s, %d episodes, env_batch %d",
         cfg.task.name,
-        cfg.checkpoint,
+        checkpoint,
         cfg.policy.name,
         solver.name,
         dict(cfg.solver.options),
@@ -65,7 +123,7 @@ def rollout(cfg: DictConfig) -> dict:
         "solver_options": OmegaConf.to_container(cfg.solver.options),
         "warm_start": bool(cfg.warm_start),
         "noise": cfg.solver.noise,
-        "checkpoint": str(cfg.checkpoint),
+        "checkpoint": str(checkpoint),
         "env_batch": cfg.env_batch,
         "threads": cfg.threads,
         "device": str(cfg.device),
@@ -73,7 +131,8 @@ def rollout(cfg: DictConfig) -> dict:
     }
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json.tmp").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json.tmp").replace(out_dir / "results.json")  # atomic: a killed run leaves no partial file
     if cfg.save_video and outcome.frames:
         from PIL import Image
 

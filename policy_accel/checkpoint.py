@@ -1,12 +1,16 @@
-"""Our checkpoint format: a directory with ``config.json`` and ``model.safetensors``.
+"""Checkpoints: our own format, and the entry point that also reads other projects' Diffusion Policies.
 
-``model.safetensors`` holds the denoiser under ``model.<Diffusion Policy key>`` and the normalizers
-under ``normalizer.{obs,action}.*``; safetensors never executes code on load.
+Our format is a directory with ``config.json`` and ``model.safetensors``: the denoiser under
+``model.<Diffusion Policy key>``, the normalizers under ``normalizer.{obs,action}.*``; safetensors
+never executes code on load. :func:`load_policy` also reads Diffusion Policy's workspace ``.ckpt``
+(a pickle, so only with ``trust_pickle=True``) and LeRobot's diffusion policy directory; the readers
+for those live in :mod:`policy_accel.formats`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +25,24 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "policy_accel"
 FORMAT_VERSION = 1
+SUPPORTED_FORMATS = (
+    f"a {FORMAT_NAME} directory (config.json with format={FORMAT_NAME!r} + model.safetensors), "
+    "a Diffusion Policy workspace .ckpt file, or a LeRobot diffusion policy directory "
+    '(config.json with type="diffusion" + model.safetensors)'
+)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not match its config."""
+    """A checkpoint is missing, unreadable, unsupported or does not match its config."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded policy and where it came from (``info`` goes into a converted checkpoint's config)."""
+
+    policy: DiffusionPolicy
+    format: str  # "policy_accel" | "diffusion_policy" | "lerobot"
+    info: dict = field(default_factory=dict)
 
 
 def save_policy(
@@ -55,60 +73,139 @@ def save_policy(
     return path
 
 
-def load_policy(path: str | Path, device: torch.device | str = "cpu") -> DiffusionPolicy:
-    """Load a policy saved by :func:`save_policy`; every failure names the file and the problem."""
+def load_policy(path: str | Path, device: torch.device | str = "cpu", trust_pickle: bool = False) -> DiffusionPolicy:
+    """Load a policy in any supported format; every failure is a :class:`CheckpointError` naming the file.
+
+    ``trust_pickle=True`` is needed for Diffusion Policy's ``.ckpt`` files only: they are pickles, and
+    unpickling a file can run code from it, so they are refused unless the caller vouches for the file.
+    """
+    return read_checkpoint(path, trust_pickle=trust_pickle).policy.to(device)
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheckpoint:
+    """Detect the format of ``path`` and load it on the CPU, keeping what is known about its origin."""
+    from policy_accel import formats  # formats builds on this module's helpers
+
     path = Path(path)
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    for f in (config_path, weights_path):
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file {f} is missing")
+    if not path.exists():
+        kind = "file" if path.suffix in formats.PICKLE_SUFFIXES else "directory"
+        raise CheckpointError(f"checkpoint {kind} {path} does not exist")
+    if path.is_file():
+        if path.name in (CONFIG_FILE, WEIGHTS_FILE) or path.suffix in (".json", ".safetensors"):
+            raise CheckpointError(
+                f"{path} is a single file of a checkpoint directory: pass the directory {path.parent} instead"
+            )
+        policy, info = formats.load_diffusion_policy_ckpt(path, trust_pickle=trust_pickle)
+        return LoadedCheckpoint(policy, "diffusion_policy", info)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        hint = ""
+        ckpts = sorted(p.name for p in path.glob("*.ckpt"))
+        if ckpts:
+            hint = f"; for a Diffusion Policy checkpoint pass the .ckpt file itself, e.g. {path / ckpts[0]}"
+        raise CheckpointError(f"checkpoint file {config_path} is missing{hint}")
+    raw = _read_json(config_path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path} is not a {FORMAT_NAME} config (a JSON object is expected)")
+    if "format" not in raw and formats.is_lerobot_config(raw):
+        policy, info = formats.load_lerobot_dir(path, raw)
+        return LoadedCheckpoint(policy, "lerobot", info)
+    return LoadedCheckpoint(_load_own(path, raw), FORMAT_NAME, {"extra": raw.get("extra", {})})
+
+
+def _read_json(path: Path) -> object:
     try:
-        raw = json.loads(config_path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def _load_own(path: Path, raw: dict) -> DiffusionPolicy:
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if raw.get("format") != FORMAT_NAME or "policy" not in raw:
-        raise CheckpointError(f"{config_path} is not a {FORMAT_NAME} config (format={raw.get('format')!r})")
+        raise CheckpointError(
+            f"{config_path} is not a {FORMAT_NAME} config (format={raw.get('format')!r}); "
+            f"supported checkpoints: {SUPPORTED_FORMATS}"
+        )
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint file {weights_path} is missing")
     try:
         config = PolicyConfig(**raw["policy"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{config_path} has an invalid policy config: {err}") from None
-    try:
-        tensors = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_path} is corrupt or truncated: {err}") from None
-
-    model = ConditionalUnet1D(config.unet)
+    tensors = read_safetensors(weights_path)
     state = {k[len("model.") :]: v.float() for k, v in tensors.items() if k.startswith("model.")}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights_path} does not match {config_path}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    bad = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
-    ]
-    if bad:
-        raise CheckpointError(f"{weights_path} has shapes that do not match {config_path}: {bad[:3]}")
-    model.load_state_dict(state, strict=True)
     try:
         obs_norm = LinearNormalizer.from_state_dict(tensors, "normalizer.obs")
         act_norm = LinearNormalizer.from_state_dict(tensors, "normalizer.action")
-        policy = DiffusionPolicy(config, model, obs_norm, act_norm)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{weights_path}: {err}") from None
-    return policy.to(device)
+    return assemble_policy(config, state, obs_norm, act_norm, str(weights_path), str(config_path))
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (CPU); a truncated or corrupt file is a :class:`CheckpointError`."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt or truncated: {err}") from None
+
+
+def assemble_policy(
+    config: PolicyConfig,
+    unet_state: dict[str, torch.Tensor],
+    obs_normalizer: LinearNormalizer,
+    action_normalizer: LinearNormalizer,
+    weights_desc: str,
+    config_desc: str,
+) -> DiffusionPolicy:
+    """Build the U-Net that ``config`` describes and load ``unet_state`` into it strictly.
+
+    Why strict and shape-checked first: a denoiser with a missing, extra or reshaped tensor would load
+    into something that runs and returns wrong actions; the error names both sources instead.
+    """
+    model = ConditionalUnet1D(config.unet)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(unet_state))
+    unexpected = sorted(set(unet_state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_desc} does not match {config_desc}: missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    bad = [
+        f"{k}: file {tuple(unet_state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if unet_state[k].shape != v.shape
+    ]
+    if bad:
+        raise CheckpointError(f"{weights_desc} has shapes that do not match {config_desc}: {bad[:3]}")
+    model.load_state_dict({k: v.float() for k, v in unet_state.items()}, strict=True)
+    try:
+        return DiffusionPolicy(config, model, obs_normalizer, action_normalizer)
+    except ValueError as err:
+        raise CheckpointError(f"{weights_desc}: {err}") from None
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return f"{keys[:n]}{'...' if len(keys) > n else ''}"
 
 
 def checkpoint_info(path: str | Path) -> dict:
-    """The ``extra`` block of a checkpoint's config (training info), or {}."""
-    return json.loads((Path(path) / CONFIG_FILE).read_text()).get("extra", {})
+    """The ``extra`` block of one of our checkpoints' config (training info, conversion source), or {}."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        return {}
+    raw = json.loads(config_path.read_text())
+    return raw.get("extra", {}) if isinstance(raw, dict) and raw.get("format") == FORMAT_NAME else {}
 
 
-__all__ = ["CheckpointError", "load_policy", "save_policy", "checkpoint_info"]
+__all__ = [
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "assemble_policy",
+    "checkpoint_info",
+    "load_policy",
+    "read_checkpoint",
+    "read_safetensors",
+    "save_policy",
+]

@@ -38,7 +38,9 @@ class RolloutOutcome:
     def summary(self) -> dict:
         """The numeric part of results.json: score, success rate, latency and iteration statistics."""
         lat = np.array([r.latency_s for r in self.records]) * 1e3
-        its = np.array([r.iterations for r in self.records], dtype=float)
+        # Rounds per live episode and inference: what a batch-1 solve needs for row-independent solvers
+        # (Newton); batch-coupled solvers report the group's rounds for every row.
+        its = np.array([n for r in self.records for n in _rounds(r)], dtype=float)
         return {
             "n_episodes": len(self.episodes),
             "seeds": [e.seed for e in self.episodes],
@@ -50,7 +52,13 @@ class RolloutOutcome:
                 "mean": float(lat.mean()),
                 "max": float(lat.max()),
             },
-            "iterations": {"mean": float(its.mean()), "p95": float(np.percentile(its, 95)), "max": float(its.max())},
+            "iterations": {
+                "mean": float(its.mean()),
+                "p95": float(np.percentile(its, 95)),
+                "max": float(its.max()),
+                "warm_mean": _mean([n for r in self.records if r.warm for n in _rounds(r)]),
+                "cold_mean": _mean([n for r in self.records if not r.warm for n in _rounds(r)]),
+            },
             "nfe": {"mean": float(np.mean([r.nfe for r in self.records]))},
             "latencies_ms": [round(float(x), 3) for x in lat],
             "unconverged_inferences": int(sum(not r.converged for r in self.records)),
@@ -58,6 +66,14 @@ class RolloutOutcome:
             "max_abs_dev": max((r.deviation for r in self.records if r.deviation is not None), default=None),
             "episodes": [asdict(e) for e in self.episodes],
         }
+
+
+def _rounds(record: InferenceRecord) -> list[int]:
+    return record.row_iterations or [record.iterations]
+
+
+def _mean(values: list) -> float | None:
+    return float(np.mean(values)) if values else None
 
 
 def _draw_plan(frame: np.ndarray, plan: np.ndarray, world_size: float = 512.0) -> np.ndarray:
@@ -106,6 +122,8 @@ def run_episodes(
         while not done.all():
             obs_batch = np.stack([np.stack(h[-cfg.n_obs_steps :]) for h in history])
             actions, _, record = runner.plan(obs_batch)
+            if record.row_iterations is not None:  # count live episodes only
+                record.row_iterations = [n for n, over in zip(record.row_iterations, done, strict=True) if not over]
             records.append(record)
             inferences[~done] += 1
             for i, env in enumerate(envs):

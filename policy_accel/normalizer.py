@@ -26,6 +26,11 @@ class LinearNormalizer:
         stats = {"min": lo, "max": hi, "mean": flat.mean(0), "std": flat.std(0)}
         return cls(scale, offset, stats)
 
+    def to(self, device: torch.device | str) -> LinearNormalizer:
+        """Keep the coefficients on the policy's device (no per-call host-to-device copies)."""
+        self.scale, self.offset = self.scale.to(device), self.offset.to(device)
+        return self
+
     @property
     def dim(self) -> int:
         return self.scale.shape[0]

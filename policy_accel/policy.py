@@ -64,6 +64,7 @@ class DiffusionPolicy:
             )
         self.config = config
         self.model = model.eval()
+        self._forward = self.model  # what `denoiser` runs: the module, or its CUDA graphs
         self.obs_normalizer = obs_normalizer
         self.action_normalizer = action_normalizer
 
@@ -72,7 +73,22 @@ class DiffusionPolicy:
         return next(self.model.parameters()).device
 
     def to(self, device: torch.device | str) -> DiffusionPolicy:
+        if torch.device(device).type == "cuda":
+            # Exactness is checked in float32: TF32 convolutions (PyTorch's cuDNN default) carry ~1e-3 relative
+            # error, which moves samples off the CPU's and ruins the finite-difference Jacobians of Newton.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model.to(device)
+        self.obs_normalizer.to(device)
+        self.action_normalizer.to(device)
+        self._forward = self.model  # captured graphs belong to the old device
+        return self
+
+    def use_cuda_graphs(self) -> DiffusionPolicy:
+        """Replay the denoiser from CUDA graphs (one per padded batch size; see policy_accel.graphs)."""
+        from policy_accel.graphs import GraphedDenoiser
+
+        self._forward = GraphedDenoiser(self.model)
         return self
 
     @property
@@ -84,7 +100,7 @@ class DiffusionPolicy:
         return Schedule(replace(self.config.schedule, **overrides), self.device)
 
     def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
-        return self.model(sample, timestep, global_cond)
+        return self._forward(sample, timestep, global_cond)
 
     def condition(self, obs_history: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, n_obs_steps, obs_dim) raw observations -> (B, n_obs_steps * obs_dim) normalized condition."""

@@ -44,6 +44,7 @@ class InferenceRecord:
     stop_reason: str
     warm: bool
     deviation: float | None = None  # max |sample - sequential sample, same noise| (check_exactness only)
+    row_iterations: list[int] | None = None  # rounds per batch row (= a batch-1 solve's count for Newton)
 
 
 def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor:
@@ -129,12 +130,19 @@ class PolicyRunner:
         return noise, init, carry
 
     @torch.inference_mode()
-    def plan(self, obs_history: np.ndarray) -> tuple[np.ndarray, SolveResult, InferenceRecord]:
-        """(B, n_obs_steps, obs_dim) observations -> executed actions (B, n_action_steps, action_dim)."""
+    def plan(
+        self, obs_history: np.ndarray, budget: Budget | None = None
+    ) -> tuple[np.ndarray, SolveResult, InferenceRecord]:
+        """(B, n_obs_steps, obs_dim) observations -> executed actions (B, n_action_steps, action_dim).
+
+        ``budget`` overrides ``self.budget`` for this call (a real-time controller's deadline).
+        """
         start = time.perf_counter()
         cond = self.policy.condition(obs_history)
         noise, init, carry = self._noise_and_init(cond.shape[0])
-        result = self.policy.sample(cond, self.solver, self.schedule, noise, init=init, budget=self.budget, carry=carry)
+        result = self.policy.sample(
+            cond, self.solver, self.schedule, noise, init=init, budget=budget or self.budget, carry=carry
+        )
         actions = self.policy.actions(result.sample)
         latency = time.perf_counter() - start
         if not np.all(np.isfinite(actions)):
@@ -145,6 +153,13 @@ class PolicyRunner:
             reference = self._reference.solve(self.policy.denoiser, self.schedule, noise, cond)
             deviation = float((result.sample - reference.sample).abs().max())
         record = InferenceRecord(
-            latency, result.iterations, result.nfe, result.converged, result.stop_reason, init is not None, deviation
+            latency,
+            result.iterations,
+            result.nfe,
+            result.converged,
+            result.stop_reason,
+            init is not None,
+            deviation,
+            result.rounds_per_row(),
         )
         return actions, result, record

@@ -34,6 +34,23 @@ def test_pareto_front():
     assert [r["latency_p50_ms"] for r in pareto(rows)] == [10.0, 30.0]
 
 
+def test_unfinished_and_invalid_runs_are_skipped_with_a_warning(tmp_path, caplog):
+    _fake_results(tmp_path / "0", "ddim4", "sequential", 0.7, 20.0)
+    (tmp_path / "1").mkdir()  # a job that never finished
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "results.json").write_text('{"policy": "ddim4", "solver": "sequential"}')  # keys missing
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "results.json").write_text('{"policy": "ddi')  # cut off mid-write
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # files beside the run directories are ignored
+    with caplog.at_level("WARNING", logger="report"):
+        rows = load_results([tmp_path, tmp_path / "missing"])
+    assert [r["policy"] for r in rows] == ["ddim4"]
+    text = caplog.text
+    assert f"{tmp_path / '1'}: no results.json" in text and f"{tmp_path / 'missing'} is not a directory" in text
+    assert f"{tmp_path / '2' / 'results.json'}: invalid (KeyError" in text
+    assert f"{tmp_path / '3' / 'results.json'}: invalid (JSONDecodeError" in text
+
+
 def test_interrupted_sweep_keeps_finished_runs_and_reaggregates(tmp_path):
     _fake_results(tmp_path / "runs" / "seq_ddim4", "ddim4", "sequential", 0.7, 20.0)
     _fake_results(tmp_path / "runs" / "seq_ddpm100", "ddpm100", "sequential", 0.9, 300.0)

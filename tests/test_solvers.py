@@ -15,7 +15,7 @@ EXACT_SOLVERS = [
     ("paradigms", {}, 1e-3),  # default tau = 0.01
     ("paradigms", {"tolerance": 1e-3}, 1e-3),
     ("parataa", {}, 1e-3),
-    ("newton", {"jacobian": "fresh"}, 1e-3),
+    ("newton", {"jacobian": "exact"}, 1e-3),
     ("newton", {"jacobian": "chord"}, 1e-3),
     ("newton", {"jacobian": "broyden"}, 1e-3),
 ]
@@ -24,7 +24,7 @@ SAMPLERS = [("ddpm", 100), ("ddim", 16)]
 TIGHT_SOLVERS = [
     ("paradigms", {"tolerance": 1e-5}, 1e-5),
     ("parataa", {"tol_abs": 1e-7, "tol_rel": 0.0}, 1e-5),
-    ("newton", {"jacobian": "broyden", "tolerance": 1e-7}, 1e-5),
+    ("newton", {"jacobian": "broyden", "tolerance": 1e-7, "step_tolerance": 1e-7}, 1e-5),
 ]
 
 
@@ -56,7 +56,7 @@ def test_random_network(random_net, case, kind, steps, batch):
     assert (result.sample - reference.sample).abs().max() <= atol
 
 
-@pytest.mark.parametrize("case", [c for c in EXACT_SOLVERS if c[1].get("jacobian") != "fresh"], ids=_ids)
+@pytest.mark.parametrize("case", [c for c in EXACT_SOLVERS if c[1].get("jacobian") != "exact"], ids=_ids)
 @pytest.mark.parametrize("kind,steps", SAMPLERS)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_trained_checkpoint(trained_policy, case, kind, steps, batch):
@@ -66,8 +66,8 @@ def test_trained_checkpoint(trained_policy, case, kind, steps, batch):
     assert (result.sample - reference.sample).abs().max() <= atol
 
 
-def test_trained_checkpoint_fresh_newton_is_exact_in_few_rounds(trained_policy):
-    reference, result = _solve_both(trained_policy.denoiser, "ddim", 16, 1, "newton", {"jacobian": "fresh"}, 36)
+def test_trained_checkpoint_exact_newton_is_exact_in_few_rounds(trained_policy):
+    reference, result = _solve_both(trained_policy.denoiser, "ddim", 16, 1, "newton", {"jacobian": "exact"}, 36)
     assert result.converged and result.iterations <= 16
     assert (result.sample - reference.sample).abs().max() <= 1e-3
 
@@ -103,8 +103,9 @@ def test_budget_is_reported_and_the_chunk_is_still_valid(random_net, name, budge
         ("paradigms", {"windw": 8}, "bad option for solver 'paradigms'"),
         ("paradigms", {"window": 0}, "window"),
         ("parataa", {"order": 0}, "order"),
-        ("newton", {"jacobian": "exact"}, "unknown Jacobian strategy"),
+        ("newton", {"jacobian": "secant"}, "unknown Jacobian strategy"),
         ("newton", {"tolerance": -1}, "tolerance"),
+        ("newton", {"step_tolerance": 0.0}, "step_tolerance"),
         ("newton", {"recursion": "cr"}, "unknown recursion"),
     ],
 )
@@ -143,3 +144,28 @@ def test_affine_recursion_scan_equals_loop():
     for j in range(3):
         d = (coupling[j] @ d.unsqueeze(-1)).squeeze(-1) + offsets[j]
     torch.testing.assert_close(loop[2], d)
+
+
+@pytest.mark.parametrize("jacobian", ["exact", "broyden"])
+def test_newton_batch_rows_converge_like_batch_one_solves(random_net, jacobian):
+    """Rows leave the batch when they converge: each row's round count is its batch-1 count."""
+    schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=16))
+    g = torch.Generator().manual_seed(7)
+    noise = Noise.draw(16, (3, 16, 2), g)
+    cond = torch.randn(3, 36, generator=g).clamp(-1, 1)
+    solver = make_solver("newton", jacobian=jacobian)
+    with torch.inference_mode():
+        batched = solver.solve(random_net, schedule, noise, cond)
+        for b in range(3):
+            row = Noise(noise.x_T[b : b + 1], noise.z[:, b : b + 1])
+            single = solver.solve(random_net, schedule, row, cond[b : b + 1])
+            assert batched.row_iterations[b] == single.iterations
+            assert (batched.sample[b] - single.sample[0]).abs().max() <= 1e-5
+    assert batched.iterations == max(batched.row_iterations)
+
+
+def test_cuda_graphs_refuse_a_cpu_model(random_net):
+    from policy_accel.graphs import GraphedDenoiser
+
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedDenoiser(random_net)

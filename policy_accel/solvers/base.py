@@ -65,6 +65,13 @@ class SolveResult:
     wall_time_s: float
     stop_reason: str  # "converged" | "iteration_budget" | "time_budget" | "exhausted"
     extras: dict = field(default_factory=dict)  # solver state worth carrying (e.g. Jacobians)
+    # Rounds each batch row needed, for solvers whose rows converge independently (a batch-1 solve of
+    # that row would take as many); None when the batch moves together and every row took `iterations`.
+    row_iterations: list[int] | None = None
+
+    def rounds_per_row(self) -> list[int]:
+        batch = self.sample.shape[0]
+        return self.row_iterations if self.row_iterations is not None else [self.iterations] * batch
 
 
 class Solver(Protocol):

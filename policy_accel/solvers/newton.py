@@ -9,8 +9,17 @@ D x D matrix-vector products (D = horizon x action_dim, 32 for PushT). With fres
 error falls (nearly) quadratically. Whatever the Jacobians, the first unconverged state becomes exact each
 round (its inputs are exact, so its update is the plain step), so a solve takes at most T rounds.
 
+Stopping: a row has converged when every one-step residual is below ``tolerance`` (checked on the
+round's evaluation), or when the estimated error of its newest iterate is below ``step_tolerance``.
+The estimate is the standard a-posteriori bound of a contracting iteration: with update sizes
+s_k = max |y_{k+1} - y_k| and rate r = s_k / s_{k-1} < 1, the remaining error is about s_k r / (1 - r);
+a Newton update that shrinks quadratically gives a tiny r, so the new iterate is accepted without a
+round spent re-checking it. Batch rows converge (and stop changing) independently, so each row's
+round count is what a batch-1 solve of it would need.
+
 Jacobian strategies:
-  * ``fresh``   - new Jacobians every round (finite differences, D extra rows per state; costly on a CPU).
+  * ``exact``   - the Jacobian of the whole step at the current iterate, every round (forward
+                  finite differences: D extra rows per state; costly on a CPU, cheap on a GPU).
   * ``chord``   - Jacobians once per solve (or carried in from the previous control step), reused.
   * ``broyden`` - chord plus a good-Broyden rank-1 secant update per step and round; no extra
                   network calls.
@@ -37,7 +46,7 @@ from policy_accel.solvers.base import (
     step_noise,
 )
 
-JACOBIAN_STRATEGIES = ("fresh", "chord", "broyden")
+JACOBIAN_STRATEGIES = ("exact", "chord", "broyden")
 
 
 def step_jacobians(
@@ -106,8 +115,9 @@ def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str 
 
 @dataclass
 class NewtonSolver:
-    jacobian: str = "fresh"
+    jacobian: str = "exact"
     tolerance: float = 2e-5  # max |y_{j+1} - step_j(y_j) - xi_j| over every step, normalized units
+    step_tolerance: float | None = 1e-4  # accept an update once its estimated remaining error is below this
     recursion: str = "loop"  # "loop" | "scan": how the linear recursion is solved (see affine_recursion)
     name: str = "newton"
 
@@ -116,6 +126,8 @@ class NewtonSolver:
             raise ValueError(f"unknown Jacobian strategy {self.jacobian!r}; valid: {', '.join(JACOBIAN_STRATEGIES)}")
         if not self.tolerance > 0:
             raise ValueError(f"newton tolerance={self.tolerance} must be > 0")
+        if self.step_tolerance is not None and not self.step_tolerance > 0:
+            raise ValueError(f"newton step_tolerance={self.step_tolerance} must be > 0 (or null to disable)")
         if self.recursion not in ("loop", "scan"):
             raise ValueError(f"unknown recursion {self.recursion!r}; valid: loop, scan")
 
@@ -133,82 +145,110 @@ class NewtonSolver:
         T, B = schedule.num_steps, noise.x_T.shape[0]
         shape = noise.x_T.shape[1:]
         D = shape.numel()
+        device = noise.x_T.device
         clock = Clock(budget, T)
         xi = step_noise(schedule, noise)
         traj = cold_trajectory(noise, T) if init is None else init.clone()
         traj[0] = noise.x_T
-        steps = torch.arange(T, device=traj.device)
+        steps = torch.arange(T, device=device)
+        levels = torch.arange(T, device=device).view(T, 1)
 
         jac = None
         carried = (carry or {}).get("jacobians")
-        if self.jacobian != "fresh" and carried is not None and carried.shape == (T, B, D, D):
+        if self.jacobian != "exact" and carried is not None and carried.shape == (T, B, D, D):
             jac = carried.clone()
-        frozen = 0  # states y_0..y_frozen are final
-        iterations = nfe = 0
-        prev_residual = float("inf")
+        # Per batch row: states y_0..y_frozen are final; rows leave `active` when they converge, so each
+        # row ends after as many rounds as a batch-1 solve of it would take.
+        frozen = torch.zeros(B, dtype=torch.long, device=device)
+        active = torch.ones(B, dtype=torch.bool, device=device)
+        row_iterations = torch.zeros(B, dtype=torch.long, device=device)
+        prev_residual = torch.full((B,), float("inf"), device=device)
+        prev_update = torch.full((B,), float("inf"), device=device)
         prev_states = prev_stepped = None
+        residual = torch.zeros(B, device=device)
+        iterations = nfe = 0
         stop = "converged"
-        residual = float("inf")
         while True:
-            states = traj[frozen:T]
-            L = T - frozen
-            if self.jacobian == "fresh" or jac is None:
-                stepped, fresh = step_jacobians(denoiser, schedule, states, steps[frozen:], global_cond)
+            rows = active.nonzero().squeeze(1)
+            lo = int(frozen[rows].min())
+            L, R = T - lo, len(rows)
+            states = traj[lo:, rows][:-1]
+            cond = global_cond[rows]
+            if self.jacobian == "exact" or jac is None:
+                stepped, fresh = step_jacobians(denoiser, schedule, states, steps[lo:], cond)
                 if jac is None:
-                    jac = torch.zeros(T, B, D, D, device=traj.device, dtype=traj.dtype)
-                jac[frozen:] = fresh
-                nfe += L * B * (D + 1)
+                    jac = torch.zeros(T, B, D, D, device=device, dtype=traj.dtype)
+                jac[lo:, rows] = fresh
+                nfe += L * R * (D + 1)
             else:
-                stepped, _ = evaluate_steps(denoiser, schedule, states, steps[frozen:], global_cond)
-                nfe += L * B
+                stepped, _ = evaluate_steps(denoiser, schedule, states, steps[lo:], cond)
+                nfe += L * R
                 if self.jacobian == "broyden" and prev_states is not None:
-                    self._broyden_update(jac[frozen:], states - prev_states[-L:], stepped - prev_stepped[-L:])
+                    jac[lo:, rows] = self._broyden_update(
+                        jac[lo:, rows], states - prev_states[lo:, rows], stepped - prev_stepped[lo:, rows]
+                    )
             iterations += 1
-            target = stepped + xi[frozen:]
-            err = (traj[frozen + 1 :] - target).abs().flatten(2).amax(-1).amax(-1)  # (L,)
-            residual = float(err.max())
-            bad = (err > self.tolerance).nonzero()
-            if len(bad) == 0:
-                break
-            first_bad = int(bad[0])
-            use_newton = residual <= prev_residual
-            prev_residual = residual
-            # Newton update of the unconverged suffix. With d_j = y_j - ybar_j the linearised chain is
-            # d_{j+1} = J_j d_j + (target_j - ybar_{j+1}), and d_base = 0: y_base's inputs have converged.
-            base = frozen + first_bad
-            offsets = (target[first_bad:] - traj[base + 1 :]).reshape(T - base, B, D)
-            coupling = jac[base:] if use_newton else torch.zeros_like(jac[base:])
+            row_iterations[rows] = iterations
+            target = stepped + xi[lo:, rows]
+            err = (traj[lo + 1 :, rows] - target).abs().flatten(2).amax(-1)  # (L, R)
+            err = torch.where(levels[lo:] + 1 <= frozen[rows], torch.zeros_like(err), err)  # final states
+            bad = err > self.tolerance
+            residual[rows] = err.amax(0)
+            done = ~bad.any(0)  # every step satisfied: this row has converged
+            # Newton update from each row's first unsatisfied step (its inputs are final, so its new
+            # value is exact); rows whose residual grew take a plain step update (J = 0) instead.
+            first_bad = torch.where(bad.any(0), bad.int().argmax(0), torch.full_like(rows, L))
+            offsets = (target - traj[lo + 1 :, rows]).reshape(L, R, D)
+            from_first_bad = (levels[:L] >= first_bad).unsqueeze(-1)  # (L, R, 1), window-local
+            offsets = torch.where(from_first_bad, offsets, torch.zeros_like(offsets))
+            use_newton = (residual[rows] <= prev_residual[rows]).view(1, R, 1, 1)
+            prev_residual[rows] = residual[rows]
+            coupling = torch.where(use_newton, jac[lo:, rows], torch.zeros_like(jac[lo:, rows]))
             delta = affine_recursion(coupling, offsets, self.recursion)
-            new = traj.clone()
-            new[base + 1 :] = traj[base + 1 :] + delta.view(T - base, B, *shape)
-            prev_states, prev_stepped = states, stepped
-            traj = new
-            frozen = base + 1
-            if frozen >= T:
-                break  # every state was rebuilt from exact inputs: the output is the sequential one
+            delta = torch.where(done.view(1, R, 1), torch.zeros_like(delta), delta)
+            traj[lo + 1 :, rows] = traj[lo + 1 :, rows] + delta.view(L, R, *shape)
+            if self.jacobian == "broyden":
+                if prev_states is None:
+                    prev_states, prev_stepped = torch.zeros_like(traj[:-1]), torch.zeros_like(traj[:-1])
+                prev_states[lo:, rows], prev_stepped[lo:, rows] = states, stepped
+            frozen[rows] = torch.where(done, frozen[rows], lo + first_bad + 1)
+            # Accepted without another round: every state was rebuilt from final inputs (exact), or the
+            # updates contract fast enough that the estimated remaining error is below step_tolerance.
+            update = delta.abs().flatten(2).amax(-1).amax(0)
+            rate = update / prev_update[rows]  # inf before the second Newton update: no estimate yet
+            contracting = torch.isfinite(prev_update[rows]) & (rate < 1)
+            estimate = torch.where(contracting, update * rate / (1 - rate), torch.full_like(update, float("inf")))
+            prev_update[rows] = torch.where(use_newton.view(R), update, torch.full_like(update, float("inf")))
+            small = estimate <= (self.step_tolerance or 0.0)
+            finished = done | (frozen[rows] >= T) | small
+            active[rows] = ~finished
+            if not bool(active.any()):
+                break
             reason = clock.exhausted(iterations)
             if reason is not None:
                 stop = reason
                 break
+        converged = stop == "converged"
         return SolveResult(
             sample=traj[-1],
             trajectory=traj,
             iterations=iterations,
             nfe=nfe,
-            converged=stop == "converged",
-            residual=residual if stop != "converged" or residual <= self.tolerance else 0.0,
+            converged=converged,
+            residual=0.0 if converged else float(residual[active].max()),
             wall_time_s=clock.elapsed(),
             stop_reason=stop,
             extras={"jacobians": jac},
+            row_iterations=row_iterations.tolist(),
         )
 
     @staticmethod
-    def _broyden_update(jac: torch.Tensor, ds: torch.Tensor, df: torch.Tensor) -> None:
-        """Good Broyden: J += (df - J ds) ds^T / |ds|^2, per step and batch row, in place."""
+    def _broyden_update(jac: torch.Tensor, ds: torch.Tensor, df: torch.Tensor) -> torch.Tensor:
+        """Good Broyden: J + (df - J ds) ds^T / |ds|^2, per step and batch row."""
         L, B = ds.shape[:2]
         s = ds.reshape(L, B, -1, 1)
         f = df.reshape(L, B, -1, 1)
         denom = (s * s).sum(dim=(-2, -1), keepdim=True)
         ok = denom > 1e-20
         update = (f - jac @ s) @ s.transpose(-1, -2) / denom.clamp(min=1e-20)
-        jac += torch.where(ok, update, torch.zeros_like(update))
+        return jac + torch.where(ok, update, torch.zeros_like(update))

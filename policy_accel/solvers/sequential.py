@@ -41,10 +41,12 @@ class SequentialSolver:
         xi = step_noise(schedule, noise)
         traj = cold_trajectory(noise, T)
         y = noise.x_T
+        indices = torch.arange(T, device=y.device).view(T, 1).expand(T, B)  # views per step, no allocation
+        timesteps = schedule.timesteps[indices]
         stop = "converged"
         for j in range(T):
-            index = torch.full((B,), j, dtype=torch.long, device=y.device)
-            eps = denoiser(y, schedule.timesteps[index], global_cond)
+            index = indices[j]
+            eps = denoiser(y, timesteps[j], global_cond)
             y_next = schedule.step(y, eps, index) + xi[j]
             traj[j + 1] = y_next
             reason = clock.exhausted(j + 1) if j + 1 < T else None

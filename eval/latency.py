@@ -1,0 +1,232 @@
+"""Measured cost model: the denoiser call at every batch size, each sampler's latency per inference
+at batch 1, and how much of it is spent outside the network.
+
+    python eval/latency.py                                            # this CPU, committed PushT checkpoint
+    python eval/latency.py device=cuda cuda_graphs=true               # a GPU, with CUDA graphs
+    python eval/latency.py device=cuda cuda_graphs=true model=dp_original   # DP's original-size U-Net
+
+Sampler latencies come from closed-loop-like sequences: the task dataset's episodes, one inference
+every ``n_action_steps`` frames, through the same PolicyRunner the rollouts use (so warm starts see
+a shifted previous trajectory and a new observation). Each configuration runs twice: a timed pass,
+and a profiled pass that also times every network call (synchronising the device around it) to
+split the latency into network and everything else. Writes ``latency.json`` and ``latency.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from policy_accel.checkpoint import load_policy  # noqa: E402
+from policy_accel.data import load_replay_buffer, pusht_lowdim_obs  # noqa: E402
+from policy_accel.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
+from policy_accel.runner import PolicyRunner  # noqa: E402
+from policy_accel.solvers import make_solver  # noqa: E402
+from policy_accel.unet import ConditionalUnet1D, UNetConfig  # noqa: E402
+
+log = logging.getLogger("latency")
+
+
+def hardware(device: torch.device, threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = f"{names[0]} ({len(names)} logical cores)" if names else cpu
+    text = f"CPU: {cpu}, torch {torch.__version__}, {threads} intra-op threads"
+    if device.type == "cuda":
+        text = f"GPU: {torch.cuda.get_device_name(device)}; {text}"
+    return text
+
+
+def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
+    """The committed checkpoint, or Diffusion Policy's original-size U-Net (random weights, timing only)."""
+    policy = load_policy(cfg.checkpoint)
+    if cfg.model == "dp_original":
+        torch.manual_seed(0)
+        unet = UNetConfig(
+            input_dim=policy.config.action_dim,
+            global_cond_dim=policy.config.unet.global_cond_dim,
+            diffusion_step_embed_dim=256,
+            down_dims=[256, 512, 1024],
+        )
+        config = PolicyConfig(**{**policy.config.to_dict(), "unet": unet})
+        policy = DiffusionPolicy(config, ConditionalUnet1D(unet), policy.obs_normalizer, policy.action_normalizer)
+    elif cfg.model != "checkpoint":
+        raise ValueError(f"unknown model {cfg.model!r}; valid: checkpoint, dp_original")
+    policy.to(device)
+    if cfg.cuda_graphs:
+        policy.use_cuda_graphs()
+    return policy
+
+
+def control_sequences(task: DictConfig, n_episodes: int, n_inferences: int, n_action_steps: int) -> list[np.ndarray]:
+    """Per dataset episode, the observation histories a robot would see at its first inferences."""
+    buffer = load_replay_buffer(task.dataset)
+    obs = pusht_lowdim_obs(buffer)
+    sequences, start = [], 0
+    for end in buffer["episode_ends"][:n_episodes]:
+        frames = [min(start + k * n_action_steps, end - 1) for k in range(n_inferences)]
+        sequences.append(np.stack([np.stack([obs[max(f - 1, start)], obs[f]]) for f in frames]))
+        start = end
+    return sequences
+
+
+class NetworkTimer:
+    """Wraps the denoiser and accumulates the time spent inside it (device synchronised)."""
+
+    def __init__(self, forward, device: torch.device):
+        self.forward, self.device, self.seconds = forward, device, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, *args):
+        self._sync()
+        start = time.perf_counter()
+        out = self.forward(*args)
+        self._sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def time_network(policy: DiffusionPolicy, batches: list[int], repeats: int) -> dict[str, float]:
+    device = policy.device
+    H, A = policy.chunk_shape
+    out = {}
+    for b in batches:
+        x = torch.randn(b, H, A, device=device)
+        t = torch.randint(0, 100, (b,), device=device)
+        c = torch.randn(b, policy.config.unet.global_cond_dim, device=device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats + 2):
+                timer = NetworkTimer(policy.denoiser, device)
+                timer(x, t, c)
+                times.append(timer.seconds)
+        out[str(b)] = float(np.median(times[2:]) * 1e3)
+    return out
+
+
+def run_configuration(policy, spec: dict, sequences, device, profile: bool) -> list[tuple]:
+    """(warm, latency ms, network ms, rounds, network evaluations) for every inference."""
+    schedule = policy.schedule(**spec.get("schedule", {}))
+    solver = make_solver(spec["solver"], **spec.get("options", {}))
+    runner = PolicyRunner(policy, solver, schedule, warm_start=spec.get("warm_start", False), noise=spec["noise"])
+    timer = NetworkTimer(policy._forward, device)
+    if profile:
+        policy._forward = timer
+    rows = []
+    try:
+        for i, seq in enumerate(sequences):
+            runner.reset(seed=i)
+            for k, obs in enumerate(seq):
+                timer.seconds = 0.0
+                _, _, record = runner.plan(obs[None])
+                rows.append((k > 0, record.latency_s * 1e3, timer.seconds * 1e3, record.iterations, record.nfe))
+    finally:
+        policy._forward = timer.forward
+    return rows
+
+
+def summarize(timed: list, profiled: list, warm: bool) -> dict:
+    # Warm configurations are judged on their warm inferences (an episode's first is a cold solve).
+    pick = [r for r in timed if r[0] == warm] if warm else timed
+    prof = [r for r in profiled if r[0] == warm] if warm else profiled
+    latency = float(np.median([r[1] for r in pick]))
+    prof_latency = float(np.median([r[1] for r in prof]))
+    network = float(np.median([r[2] for r in prof]))
+    return {
+        "latency_ms_p50": latency,
+        "latency_ms_p95": float(np.percentile([r[1] for r in pick], 95)),
+        "iterations_mean": float(np.mean([r[3] for r in pick])),
+        "nfe_mean": float(np.mean([r[4] for r in pick])),
+        "profiled_latency_ms_p50": prof_latency,
+        "network_ms_p50": network,
+        "overhead_frac": max(0.0, 1.0 - network / prof_latency),
+        "n": len(pick),
+    }
+
+
+@hydra.main(config_path="../configs", config_name="latency", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    device = torch.device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    policy = build_policy(cfg, device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "hardware": hardware(device, cfg.threads),
+        "device": str(device),
+        "model": cfg.model,
+        "unet_down_dims": list(policy.config.unet.down_dims),
+        "parameters": sum(p.numel() for p in policy.model.parameters()),
+        "cuda_graphs": bool(cfg.cuda_graphs),
+        "network_ms": time_network(policy, list(cfg.batches), cfg.repeats),
+        "samplers": {},
+    }
+    log.info("%s; network ms by batch: %s", result["hardware"], result["network_ms"])
+    # A sampler set to null on the command line (samplers.newton_exact=null) is skipped.
+    specs = {k: v for k, v in OmegaConf.to_container(cfg.samplers).items() if v is not None}
+    for k in cfg.ddim_steps:
+        specs[f"seq_ddim{k}"] = {"solver": "sequential", "schedule": {"kind": "ddim", "num_inference_steps": k}}
+    sequences = control_sequences(cfg.task, cfg.n_episodes, cfg.n_inferences, policy.config.n_action_steps)
+    for name, spec in tqdm(specs.items(), desc="latency", dynamic_ncols=True):
+        spec = {"noise": "fresh", **spec}
+        run_configuration(policy, spec, sequences[:1], device, profile=False)  # warm-up (graphs, caches)
+        timed = run_configuration(policy, spec, sequences, device, profile=False)
+        profiled = run_configuration(policy, spec, sequences, device, profile=True)
+        warm = spec.get("warm_start", False)
+        result["samplers"][name] = {"spec": spec, **summarize(timed, profiled, warm)}
+        log.info("%s: %s", name, {k: round(v, 3) for k, v in result["samplers"][name].items() if k != "spec"})
+        (out_dir / "latency.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "latency.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    seq = result["samplers"].get("seq_ddpm100", {}).get("latency_ms_p50")
+    lines = [
+        f"# Latency report ({result['model']}, {result['parameters'] / 1e6:.2f} M parameters, "
+        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'})",
+        "",
+        result["hardware"],
+        "",
+        "## Denoiser call (ms, median)",
+        "",
+        "| batch | " + " | ".join(result["network_ms"]) + " |",
+        "|---|" + "---|" * len(result["network_ms"]),
+        "| ms | " + " | ".join(f"{v:.2f}" for v in result["network_ms"].values()) + " |",
+        "",
+        "## Per inference at batch 1 (warm rows: warm inferences only)",
+        "",
+        "| sampler | p50 ms | p95 ms | vs seq. DDPM-100 | rounds | network evals | network ms | outside network |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["samplers"].items():
+        ratio = f"{seq / r['latency_ms_p50']:.2f}x" if seq else "–"
+        lines.append(
+            f"| {name} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p95']:.2f} | {ratio} | "
+            f"{r['iterations_mean']:.1f} | {r['nfe_mean']:.0f} | {r['network_ms_p50']:.2f} | "
+            f"{100 * r['overhead_frac']:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
