@@ -83,6 +83,10 @@ def merge(score: dict, latency: dict) -> dict:
     merged["max_abs_dev"] = max(devs) if devs else None
     merged["latency_seeds"] = latency["seeds"]
     merged["score_env_batch"] = score["env_batch"]
+    # The timing conditions are the latency pass's (batch 1, its threads), not the batched score pass's.
+    merged["latency_threads"] = latency.get("threads")
+    if latency.get("hardware") is not None:
+        merged["hardware"] = latency["hardware"]
     return merged
 
 

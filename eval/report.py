@@ -8,6 +8,9 @@ Reads ``<dir>/<run>/results.json`` for every run directory under the given direc
 invalid are skipped with a warning, so an interrupted sweep aggregates what finished, and re-aggregating after
 it is resumed loses nothing. Writes ``results.csv``, ``report.md``, ``latency_vs_reward.png`` (score against
 median latency per control step, Pareto frontier drawn) and ``latency_distribution.png``.
+
+APPROXIMATE configurations (``approximate: true`` in results.json, e.g. ``warm_start=renoise``) are labelled
+"(approx.)", drawn hollow, and kept out of the exact Pareto front; the front over everything is reported beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ COLUMNS = [
     "policy",
     "solver",
     "warm_start",
+    "approximate",
     "noise",
     "n_episodes",
     "score",
@@ -45,11 +49,16 @@ COLUMNS = [
 
 
 def label(r: dict) -> str:
+    """Short name of a configuration; approximate ones end in "(approx.)"."""
     opts = r.get("solver_options") or {}
     jac = f"[{opts['jacobian']}]" if "jacobian" in opts else ""
-    warm = " warm" if r["warm_start"] else ""
+    if r["warm_start"] == "renoise":
+        warm = f" renoise-k{r.get('renoise_steps')}"
+    else:
+        warm = " warm" if r["warm_start"] else ""
     noise = f" {r.get('noise', 'fresh')}" if r.get("noise", "fresh") != "fresh" else ""
-    return f"{r['policy']} {r['solver']}{jac}{warm}{noise}"
+    approx = " (approx.)" if r.get("approximate", False) else ""
+    return f"{r['policy']} {r['solver']}{jac}{warm}{noise}{approx}"
 
 
 def _row(r: dict) -> dict:
@@ -58,6 +67,9 @@ def _row(r: dict) -> dict:
         "policy": r["policy"],
         "solver": r["solver"],
         "warm_start": r["warm_start"],
+        "approximate": bool(r.get("approximate", False)),  # results.json from before the flag: exact
+        "renoise_steps": r.get("renoise_steps"),
+        "solver_options": r.get("solver_options") or {},
         "noise": r.get("noise", "fresh"),
         "n_episodes": r["n_episodes"],
         "score": r["score"],
@@ -74,6 +86,9 @@ def _row(r: dict) -> dict:
         "_latencies": r.get("latencies_ms", []),
         "_seeds": r["seeds"],
         "_latency_seeds": r.get("latency_seeds", r["seeds"]),
+        "_experiment": r.get("experiment"),
+        "_overrides": r.get("overrides"),
+        "_hardware": r.get("hardware"),
     }
 
 
@@ -104,13 +119,23 @@ def load_results(dirs: list[Path]) -> list[dict]:
 
 
 def pareto(rows: list[dict]) -> list[dict]:
-    """Configurations no other beats on both latency (lower) and score (higher)."""
+    """Configurations no other beats on both latency (lower) and score (higher).
+
+    Callers pass the exact rows for the exact front (approximate ones change the answer, so they get their own)."""
     front, best = [], -1.0
     for r in sorted(rows, key=lambda r: (r["latency_p50_ms"], -r["score"])):
         if r["score"] > best:
             front.append(r)
             best = r["score"]
     return front
+
+
+def pareto_mark(r: dict, front: list[dict], overall: list[dict], any_approx: bool) -> str:
+    """'*' on the exact front, '+' on the front over all configurations (only shown when some are approximate)."""
+    mark = "*" if any(r is f for f in front) else ""
+    if any_approx and any(r is f for f in overall):
+        mark += "+"
+    return mark
 
 
 def write_report(rows: list[dict], out: Path, title: str, command: str | None) -> None:
@@ -121,15 +146,35 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
         writer.writeheader()
         writer.writerows(rows)
     baseline = next((r for r in rows if r["policy"] == "ddpm100" and r["solver"] == "sequential"), None)
-    front = pareto(rows)
+    front = pareto([r for r in rows if not r["approximate"]])
+    overall = pareto(rows)
+    any_approx = any(r["approximate"] for r in rows)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ax.scatter(r["latency_p50_ms"], r["score"], s=30)
+        points = ax.scatter(r["latency_p50_ms"], r["score"], s=30)
+        if r["approximate"]:  # hollow: not the sampler's output for its noise
+            points.set_facecolor("none")
+            points.set_edgecolor(plt.rcParams["axes.prop_cycle"].by_key()["color"][0])
         ax.annotate(
             r["label"], (r["latency_p50_ms"], r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
-    ax.plot([r["latency_p50_ms"] for r in front], [r["score"] for r in front], "k--", lw=1, label="Pareto frontier")
+    ax.plot(
+        [r["latency_p50_ms"] for r in front],
+        [r["score"] for r in front],
+        "k--",
+        lw=1,
+        label="Pareto frontier (exact)" if any_approx else "Pareto frontier",
+    )
+    if any_approx:
+        ax.plot(
+            [r["latency_p50_ms"] for r in overall],
+            [r["score"] for r in overall],
+            ":",
+            color="tab:red",
+            lw=1,
+            label="Pareto frontier incl. approximate",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("median latency per control step, batch 1 (ms, log)")
     ax.set_ylabel("score (mean max reward)")
@@ -163,6 +208,13 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
         f"{', '.join(f'{s[0]}-{s[-1]} ({len(s)})' for s in lat_seeds)}.",
         "",
     ]
+    if any_approx:
+        lines += [
+            "Configurations marked (approx.) are APPROXIMATE (re-noised warm starts): their chunks are not the "
+            "sampler's output for any noise. They are kept out of the exact Pareto front (*); + marks the front "
+            "over all configurations.",
+            "",
+        ]
     lines += [
         "| configuration | score | success | p50 ms | p95 ms | vs seq. DDPM-100 | iterations (mean / p95) | "
         "nfe | max dev | all converged | Pareto |",
@@ -174,7 +226,8 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
         lines.append(
             f"| {r['label']} | {r['score']:.3f} | {r['success_rate']:.0%} | {r['latency_p50_ms']:.1f} | "
             f"{r['latency_p95_ms']:.1f} | {ratio} | {r['iterations_mean']:.1f} / {r['iterations_p95']:.0f} | "
-            f"{r['nfe_mean']:.0f} | {dev} | {'yes' if r['all_converged'] else 'no'} | {'*' if r in front else ''} |"
+            f"{r['nfe_mean']:.0f} | {dev} | {'yes' if r['all_converged'] else 'no'} | "
+            f"{pareto_mark(r, front, overall, any_approx)} |"
         )
     lines += ["", "![latency vs reward](latency_vs_reward.png)", ""]
     if with_lat:

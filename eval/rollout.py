@@ -5,9 +5,12 @@
     python eval/rollout.py -m solver=sequential,paradigms warm_start=false,true   # a sweep
     python eval/rollout.py task=pusht policy.path=PATH solver=paradigms   # your own DP / LeRobot checkpoint
     python eval/rollout.py -m hydra/launcher=joblib +experiment=seq_ddim4,paradigms   # jobs in parallel
+    python eval/rollout.py solver=sequential policy=ddim10 warm_start=renoise renoise_steps=3   # APPROXIMATE
 
 Writes ``results.json`` (score = mean over episodes of max reward, success rate, per-inference
-latency and iteration statistics, per-episode results) into the run directory.
+latency and iteration statistics, per-episode results) into the run directory, with what reproduces
+and labels it: ``approximate`` (true for ``warm_start=renoise``: not the sampler's output for any noise),
+``overrides`` (this job's command-line overrides), ``experiment`` and ``hardware``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from latency import hardware  # noqa: E402
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
 from policy_accel.evaluation import run_episodes  # noqa: E402
@@ -32,6 +39,21 @@ from policy_accel.solvers.base import Budget  # noqa: E402
 from policy_accel.tasks import env_factory  # noqa: E402
 
 log = logging.getLogger("rollout")
+
+
+def warm_start_value(cfg: DictConfig) -> bool | str:
+    """``warm_start`` as results.json records it: false, true (exact) or "renoise" (approximate)."""
+    return cfg.warm_start if isinstance(cfg.warm_start, str) else bool(cfg.warm_start)
+
+
+def job_overrides() -> tuple[list[str], str | None]:
+    """This job's command-line overrides and its ``+experiment`` name (empty/None outside a Hydra job), so a
+    results.json says how to reproduce it."""
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return [], None
+    return list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("experiment")
 
 
 def finished_run(cfg: DictConfig, seeds: list[int], checkpoint: str) -> dict | None:
@@ -50,7 +72,8 @@ def finished_run(cfg: DictConfig, seeds: list[int], checkpoint: str) -> dict | N
         "solver": cfg.solver.name,
         "policy": cfg.policy.name,
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": bool(cfg.warm_start),
+        "warm_start": warm_start_value(cfg),
+        "renoise_steps": cfg.renoise_steps,
         "noise": cfg.solver.noise,
         "checkpoint": str(checkpoint),
         "env_batch": cfg.env_batch,
@@ -95,8 +118,22 @@ def rollout(cfg: DictConfig) -> dict:
     time_s = None if cfg.budget.time_ms is None else cfg.budget.time_ms / 1e3
     budget = Budget(cfg.budget.max_iterations, time_s)
     runner = PolicyRunner(
-        policy, solver, schedule, cfg.warm_start, cfg.solver.noise, budget, check_exactness=cfg.check_exactness
+        policy,
+        solver,
+        schedule,
+        warm_start_value(cfg),
+        cfg.solver.noise,
+        budget,
+        check_exactness=cfg.check_exactness,
+        renoise_steps=cfg.renoise_steps,
     )
+    if runner.approximate:
+        log.warning(
+            "APPROXIMATE warm start (renoise, last %d of %d steps): chunks are not the sampler's output for any "
+            "noise; results.json records approximate=true",
+            cfg.renoise_steps,
+            schedule.num_steps,
+        )
     seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     if not seeds:
         raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
@@ -110,23 +147,29 @@ def rollout(cfg: DictConfig) -> dict:
         cfg.policy.name,
         solver.name,
         dict(cfg.solver.options),
-        cfg.warm_start,
+        warm_start_value(cfg),
         cfg.solver.noise,
         len(seeds),
         cfg.env_batch,
     )
+    overrides, experiment = job_overrides()
     outcome = run_episodes(make_env, runner, seeds, cfg.env_batch, record_video=cfg.save_video)
     results = {
         "task": cfg.task.name,
         "solver": solver.name,
         "policy": cfg.policy.name,
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": bool(cfg.warm_start),
+        "warm_start": warm_start_value(cfg),
+        "renoise_steps": cfg.renoise_steps,
+        "approximate": runner.approximate,
         "noise": cfg.solver.noise,
         "checkpoint": str(checkpoint),
         "env_batch": cfg.env_batch,
         "threads": cfg.threads,
         "device": str(cfg.device),
+        "hardware": hardware(torch.device(cfg.device), cfg.threads),
+        "overrides": overrides,
+        "experiment": experiment,
         **outcome.summary(),
     }
     out_dir = Path(cfg.out_dir)
@@ -144,7 +187,8 @@ def rollout(cfg: DictConfig) -> dict:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {results['task']} | {results['policy']} | {results['solver']} | {results['warm_start']} | "
+        f"| {results['task']} | {results['policy']} | {results['solver']} | "
+        f"{results['warm_start']}{' (approx.)' if results['approximate'] else ''} | "
         f"{results['noise']} | "
         f"{results['n_episodes']} | {results['score']:.3f} | {results['success_rate']:.0%} | {lat['p50']:.1f} | "
         f"{lat['p95']:.1f} | {it['mean']:.1f} | {results['nfe']['mean']:.0f} |"

@@ -13,6 +13,15 @@ Noise policy (for every solver, sequential included, so runs compare on the same
                   the same policy; consecutive chunks become correlated (their overlap shares
                   noise), like a temporally consistent policy. Identical noise at every inference
                   is not offered: it makes the policy deterministic and it can stall forever.
+
+APPROXIMATE warm start ``warm_start="renoise"`` (with ``renoise_steps=k``): the previous final sample
+is shifted like above, re-noised to the level of the schedule's step ``T-k`` with the forward process
+q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eps = this inference's x_T draw), and only the
+schedule's last ``k`` steps are run (``Schedule.tail(k)``, with the solver the runner holds). This
+changes the sampling distribution: the result is not the sampler's output for any noise, so it trades
+exactness for k network calls per control step (the idea of streaming / real-time-iteration diffusion
+policies). ``runner.approximate`` is True and every report labels such runs. The first inference of
+an episode is a full cold solve.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult
 from policy_accel.solvers.sequential import SequentialSolver
 
 NOISE_POLICIES = ("fresh", "coupled")
+WARM_STARTS = (False, True, "renoise")  # off | exact (same answer, cheaper) | approximate (re-noise + last k steps)
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +53,10 @@ class InferenceRecord:
     converged: bool
     stop_reason: str
     warm: bool
-    deviation: float | None = None  # max |sample - sequential sample, same noise| (check_exactness only)
+    # max |sample - sequential sample| on the chain the solver solved, same noise (check_exactness only); for a
+    # renoise warm start that chain is the schedule's tail from the re-noised start, so the approximation of the
+    # re-noising itself is not in it (it is labelled by ``PolicyRunner.approximate`` instead).
+    deviation: float | None = None
     row_iterations: list[int] | None = None  # rounds per batch row (= a batch-1 solve's count for Newton)
 
 
@@ -77,15 +90,26 @@ class PolicyRunner:
         policy: DiffusionPolicy,
         solver: Solver,
         schedule: Schedule,
-        warm_start: bool = False,
+        warm_start: bool | str = False,
         noise: str = "fresh",
         budget: Budget | None = None,
         seed: int = 0,
         check_exactness: bool = False,
+        renoise_steps: int | None = None,
     ):
         if noise not in NOISE_POLICIES:
             raise ValueError(f"unknown noise policy {noise!r}; valid: {', '.join(NOISE_POLICIES)}")
-        if warm_start and solver.name == "paradigms":
+        if not any(warm_start is w or (isinstance(w, str) and warm_start == w) for w in WARM_STARTS):
+            raise ValueError(f"unknown warm_start {warm_start!r}; valid: false, true (exact), renoise (approximate)")
+        if warm_start == "renoise":
+            if renoise_steps is None or not 1 <= renoise_steps <= schedule.num_steps:
+                raise ValueError(
+                    f"warm_start='renoise' needs renoise_steps in [1, {schedule.num_steps}] (the schedule's last "
+                    f"steps to run), got {renoise_steps!r}"
+                )
+        elif renoise_steps is not None:
+            raise ValueError(f"renoise_steps={renoise_steps} is only used with warm_start='renoise'")
+        if warm_start is True and solver.name == "paradigms":
             log.warning(
                 "warm-started paradigms is not reliably exact: its stopping test compares successive iterates, "
                 "which a good guess passes early (measured up to 6.2e-2 off at tau 0.01); prefer solver=newton"
@@ -97,6 +121,10 @@ class PolicyRunner:
         self.solver = solver
         self.schedule = schedule
         self.warm_start = warm_start
+        self.renoise_steps = renoise_steps
+        # True when the runner's chunks are not the sampler's output for their noise (labelled in every report).
+        self.approximate = warm_start == "renoise"
+        self._tail = schedule.tail(renoise_steps) if self.approximate else None
         self.budget = budget
         self.generator = torch.Generator().manual_seed(seed)
         self._previous: tuple[SolveResult, Noise] | None = None
@@ -108,6 +136,7 @@ class PolicyRunner:
             self.generator.manual_seed(seed)
 
     def _noise_and_init(self, batch: int) -> tuple[Noise, torch.Tensor | None, dict | None]:
+        """This inference's noise (by the noise policy) and, for an exact warm start, the solver's initial guess."""
         fresh = self.policy.draw_noise(self.schedule, batch, self.generator)
         if self._previous is None or self._previous[1].x_T.shape[0] != batch:
             return fresh, None, None
@@ -120,7 +149,7 @@ class PolicyRunner:
                 shift_horizon(previous_noise.x_T, shift, fresh.x_T[..., keep:, :]),
                 shift_horizon(previous_noise.z, shift, fresh.z[..., keep:, :]),
             )
-        if not self.warm_start:
+        if self.warm_start is not True:  # off, or renoise (which needs no initial trajectory)
             return noise, None, None
         init = shift_horizon(result.trajectory, shift)
         init[0] = noise.x_T
@@ -128,6 +157,17 @@ class PolicyRunner:
         if result.extras.get("jacobians") is not None:
             carry["jacobians"] = shift_jacobians(result.extras["jacobians"], shift, horizon)
         return noise, init, carry
+
+    def _renoised_chain(self, previous_sample: torch.Tensor, noise: Noise) -> tuple[Schedule, Noise]:
+        """APPROXIMATE warm start: the shifted previous sample re-noised to the tail's first level, and the tail.
+
+        The re-noising draw is this inference's ``x_T`` and the tail steps keep their own ``z`` rows, so the
+        generator is consumed exactly as in a cold solve (and the noise policy applies unchanged).
+        """
+        tail = self._tail
+        x0 = shift_horizon(previous_sample, self.policy.config.n_action_steps)
+        start = tail.add_noise(x0, noise.x_T, 0)
+        return tail, Noise(start, noise.z[noise.z.shape[0] - tail.num_steps :])
 
     @torch.inference_mode()
     def plan(
@@ -139,9 +179,14 @@ class PolicyRunner:
         """
         start = time.perf_counter()
         cond = self.policy.condition(obs_history)
-        noise, init, carry = self._noise_and_init(cond.shape[0])
+        batch = cond.shape[0]
+        renoise = self.approximate and self._previous is not None and self._previous[1].x_T.shape[0] == batch
+        noise, init, carry = self._noise_and_init(batch)
+        schedule, chain_noise = self.schedule, noise
+        if renoise:
+            schedule, chain_noise = self._renoised_chain(self._previous[0].sample, noise)
         result = self.policy.sample(
-            cond, self.solver, self.schedule, noise, init=init, budget=budget or self.budget, carry=carry
+            cond, self.solver, schedule, chain_noise, init=init, budget=budget or self.budget, carry=carry
         )
         actions = self.policy.actions(result.sample)
         latency = time.perf_counter() - start
@@ -149,8 +194,8 @@ class PolicyRunner:
             raise RuntimeError(f"solver {self.solver.name!r} returned non-finite actions ({result.stop_reason})")
         self._previous = (result, noise)
         deviation = None
-        if self.check_exactness:  # untimed: the sequential sampler on the same noise and observation
-            reference = self._reference.solve(self.policy.denoiser, self.schedule, noise, cond)
+        if self.check_exactness:  # untimed: the sequential sampler on the same chain, noise and observation
+            reference = self._reference.solve(self.policy.denoiser, schedule, chain_noise, cond)
             deviation = float((result.sample - reference.sample).abs().max())
         record = InferenceRecord(
             latency,
@@ -158,7 +203,7 @@ class PolicyRunner:
             result.nfe,
             result.converged,
             result.stop_reason,
-            init is not None,
+            init is not None or renoise,
             deviation,
             result.rounds_per_row(),
         )

@@ -62,15 +62,23 @@ class ScheduleConfig:
 
 
 class Schedule:
-    """Per-step coefficients of one sampler (T steps), as tensors indexed by step number."""
+    """Per-step coefficients of one sampler (T steps), as tensors indexed by step number.
 
-    def __init__(self, config: ScheduleConfig, device: torch.device | str = "cpu"):
+    ``first_step`` > 0 keeps only the sampler's steps ``first_step..T-1`` (see :meth:`tail`): every kept
+    step keeps its own timestep and alphas, so the truncated chain is the full chain's last steps.
+    """
+
+    def __init__(self, config: ScheduleConfig, device: torch.device | str = "cpu", first_step: int = 0):
         self.config = config
         scheduler = config.make_scheduler()
         ac = scheduler.alphas_cumprod
         timesteps = scheduler.timesteps.long()
         one = torch.tensor(1.0)
         n = len(timesteps)
+        if not 0 <= first_step < n:
+            raise ValueError(f"first_step={first_step} must be in [0, {n - 1}] for a {n}-step {config.kind} schedule")
+        self.first_step = first_step
+        self.device = torch.device(device)
         rows = []
         for j, t in enumerate(timesteps.tolist()):
             if config.kind == "ddpm":
@@ -94,7 +102,8 @@ class Schedule:
                 c_y = (1 - a_prev) ** 0.5  # multiplies epsilon
                 noise_scale = torch.tensor(0.0)
             rows.append([a_t**0.5, beta_prod_t**0.5, c_x0, c_y, noise_scale, variance, (a_prev / a_t) ** 0.5])
-        table = torch.tensor(rows, dtype=torch.float32)
+        table = torch.tensor(rows, dtype=torch.float32)[first_step:]
+        timesteps = timesteps[first_step:]
         self.timesteps = timesteps.to(device)
         self.sqrt_alpha_prod = table[:, 0].to(device)
         self.sqrt_beta_prod = table[:, 1].to(device)
@@ -110,8 +119,27 @@ class Schedule:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def is_tail(self) -> bool:
+        """True for a truncated schedule (:meth:`tail`): it starts at a noise level below pure noise."""
+        return self.first_step > 0
+
     def to(self, device: torch.device | str) -> Schedule:
-        return Schedule(self.config, device)
+        return Schedule(self.config, device, self.first_step)
+
+    def tail(self, k: int) -> Schedule:
+        """The last ``k`` steps of this schedule, each with its own timestep and coefficients.
+
+        Used to finish a sample that was re-noised to step ``T-k``'s level (an approximate warm start):
+        a chain over ``tail(k)`` started from the full chain's state ``y_{T-k}`` ends at the full sample.
+        """
+        if not 1 <= k <= self.num_steps:
+            raise ValueError(f"tail length k={k} must be in [1, {self.num_steps}]")
+        return Schedule(self.config, self.device, self.first_step + self.num_steps - k)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """Forward process q(x_t | x_0) = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at step ``index``'s timestep."""
+        return self.sqrt_alpha_prod[index] * x0 + self.sqrt_beta_prod[index] * eps
 
     def predict_x0(self, y: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Clipped prediction of the clean sample; rows of ``y`` use step ``index`` (shape (N,))."""
@@ -134,4 +162,4 @@ class Schedule:
         return c_x0 * x0 + c_y * y
 
     def describe(self) -> dict:
-        return asdict(self.config)
+        return {**asdict(self.config), **({"first_step": self.first_step} if self.first_step else {})}
