@@ -1,0 +1,341 @@
+"""PushT against the wall clock: a fixed-rate control loop around :class:`RealTimeController`.
+
+    python eval/realtime.py task=pusht solver=paradigms rate_hz=10
+    python eval/realtime.py solver=paradigms warm_start=true obs_delay_ms=20 act_delay_ms=20 n_episodes=5
+
+This is also the example integration: a robot loop sends one action per tick and feeds observations in
+as they arrive; everything about inference (background worker, deadlines, stale actions, fallback) is the
+controller's business. The simulated robot:
+
+* tick k is at ``t_k = t0 + k / rate_hz``; its action is requested (``act(t_k)``) at ``t_k - act_delay``
+  and drives the physics from ``t_k`` to ``t_{k+1}``;
+* the observation of ``t_k`` reaches the controller (``observe(obs, t_k)``) at ``t_k + obs_delay``;
+* an episode starts when its first chunk is ready (the robot waits at rest; ``start_episode``).
+
+Reports deadline misses (ticks served by the fallback, and ticks the loop itself woke more than half a
+period late), control-period jitter ``|period - 1/rate|``, end-to-end latency (observation taken ->
+first action planned from it reaches the actuator), inference statistics and the score, next to the
+offline rollout's score of the same configuration. Writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from policy_accel.checkpoint import load_policy  # noqa: E402
+from policy_accel.control import (  # noqa: E402
+    Clock,
+    ControlAction,
+    InferenceInfo,
+    MonotonicClock,
+    RealTimeController,
+    RunnerPlanner,
+)
+from policy_accel.runner import PolicyRunner  # noqa: E402
+from policy_accel.solvers import make_solver  # noqa: E402
+from policy_accel.solvers.base import Budget  # noqa: E402
+from policy_accel.tasks import env_factory  # noqa: E402
+
+log = logging.getLogger("realtime")
+
+# How a task holds position: PushT's action is the agent's target, so "hold" targets where the agent is.
+HOLD_ACTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"pusht": lambda obs: np.asarray(obs[-2:])}
+
+
+def build_runner(cfg: DictConfig) -> PolicyRunner:
+    """The same policy, solver and schedule as eval/rollout.py builds from the same config groups."""
+    torch.set_num_threads(cfg.threads)
+    solver = make_solver(cfg.solver.name, **OmegaConf.to_container(cfg.solver.options))
+    policy = load_policy(cfg.checkpoint, device=cfg.device)
+    schedule = policy.schedule(**cfg.policy.schedule)
+    budget = Budget(cfg.budget.max_iterations) if cfg.budget.max_iterations is not None else None
+    return PolicyRunner(policy, solver, schedule, cfg.warm_start, cfg.solver.noise, budget)
+
+
+def build_controller(
+    cfg: DictConfig,
+    planner: Callable,
+    n_obs_steps: int,
+    clock: Clock,
+    on_inference: Callable[[InferenceInfo], None] | None = None,
+) -> RealTimeController:
+    """A controller configured from ``realtime.yaml`` (delays, fallback, lead, deadline margin)."""
+    return RealTimeController(
+        planner,
+        1.0 / cfg.rate_hz,
+        n_obs_steps,
+        clock=clock,
+        fallback=cfg.fallback,
+        hold_action=HOLD_ACTIONS.get(cfg.task.name),
+        act_latency_s=cfg.act_delay_ms / 1e3,
+        chunk_steps=cfg.chunk_steps,
+        lead_s=None if cfg.lead_ms is None else cfg.lead_ms / 1e3,
+        latency_safety=cfg.latency_safety,
+        deadline_margin_s=cfg.deadline_margin_ms / 1e3,
+        on_inference=on_inference,
+    )
+
+
+@dataclass
+class EpisodeLog:
+    seed: int
+    max_reward: float = 0.0
+    success: bool = False
+    steps: int = 0
+    misses: int = 0
+    miss_ticks: list[int] = field(default_factory=list)  # ticks served by the fallback
+    startup_s: float = 0.0  # first inference, while the robot waits at rest
+    wake_s: list[float] = field(default_factory=list)  # when each tick's send actually happened
+    late_s: list[float] = field(default_factory=list)  # wake - scheduled send time
+    e2e_s: list[float] = field(default_factory=list)  # obs taken -> first action of its chunk at the actuator
+    age_s: list[float] = field(default_factory=list)  # obs taken -> each executed chunk action at the actuator
+    chunk_actions: dict[int, int] = field(default_factory=dict)  # executed actions per chunk
+
+
+def run_episode(
+    make_env: Callable[[], object],
+    ctrl: RealTimeController,
+    clock: Clock,
+    seed: int,
+    dt: float,
+    obs_delay_s: float = 0.0,
+    act_delay_s: float = 0.0,
+    max_steps: int | None = None,
+) -> EpisodeLog:
+    """One episode on the wall clock; the physics of tick k is computed when its action is sent, and its
+    resulting observation is released to the controller only at ``t_{k+1} + obs_delay``."""
+    env = make_env()
+    ep = EpisodeLog(seed)
+    obs, _ = env.reset(seed=seed)
+    start = clock.now()
+    t0 = ctrl.start_episode(obs, seed=seed)
+    ep.startup_s = clock.now() - start
+    pending: deque[tuple[int, np.ndarray]] = deque()  # (tick it was taken at, observation) not yet delivered
+    seen: set[int] = set()
+    k = 0
+    while True:
+        t_k = t0 + k * dt  # every time is computed from its tick index alike: equal times compare equal
+        send_at = t_k - act_delay_s
+        while pending and t0 + pending[0][0] * dt + obs_delay_s <= send_at:
+            j, o = pending.popleft()
+            clock.sleep_until(t0 + j * dt + obs_delay_s)
+            ctrl.observe(o, t0 + j * dt)
+        clock.sleep_until(send_at)
+        wake = clock.now()
+        a: ControlAction = ctrl.act(t_k)
+        obs, reward, terminated, truncated, _ = env.step(a.action)
+        pending.append((k + 1, obs))
+        ep.wake_s.append(wake)
+        ep.late_s.append(wake - send_at)
+        ep.max_reward = max(ep.max_reward, float(reward))
+        ep.success |= bool(terminated)
+        if a.missed:
+            ep.misses += 1
+            ep.miss_ticks.append(k)
+        else:
+            ep.age_s.append(t_k - a.obs_time)
+            ep.chunk_actions[a.chunk_id] = ep.chunk_actions.get(a.chunk_id, 0) + 1
+            if a.chunk_id not in seen:
+                seen.add(a.chunk_id)
+                if len(seen) > 1:  # the episode's first chunk was planned while the robot waited
+                    ep.e2e_s.append(t_k - a.obs_time)
+        k += 1
+        if terminated or truncated or (max_steps is not None and k >= max_steps):
+            break
+    ep.steps = k
+    env.close()
+    return ep
+
+
+def _stats(values_s, scale: float = 1e3) -> dict:
+    x = np.asarray(values_s, dtype=float) * scale
+    if x.size == 0:
+        return {"n": 0}
+    return {
+        "n": int(x.size),
+        "mean": float(x.mean()),
+        "p50": float(np.percentile(x, 50)),
+        "p99": float(np.percentile(x, 99)),
+        "max": float(x.max()),
+    }
+
+
+def offline_score(cfg: DictConfig) -> dict | None:
+    """The offline rollout's score for this policy/solver/warm/noise from a benchmark results.csv, if any."""
+    path = Path(cfg.offline_results) if cfg.offline_results else None
+    if path is None or not path.exists():
+        return None
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            if (
+                row["policy"] == cfg.policy.name
+                and row["solver"] == cfg.solver.name
+                and row["warm_start"] == str(bool(cfg.warm_start))
+                and row["noise"] == cfg.solver.noise
+            ):
+                return {"source": str(path), "label": row["label"], "score": float(row["score"]),
+                        "success_rate": float(row["success_rate"]), "n_episodes": int(row["n_episodes"])}  # fmt: skip
+    return None
+
+
+def summarize(cfg: DictConfig, episodes: list[EpisodeLog], inferences: list[InferenceInfo], ctrl) -> dict:
+    """The numbers results.json reports (all times in ms)."""
+    dt = 1.0 / cfg.rate_hz
+    periods = np.concatenate([np.diff(e.wake_s) for e in episodes]) if episodes else np.zeros(0)
+    late = np.concatenate([e.late_s for e in episodes])
+    bounded = [i for i in inferences if i.needed_at is not None]  # the first chunk of an episode is unbounded
+    score = float(np.mean([e.max_reward for e in episodes]))
+    offline = offline_score(cfg)
+    missed = int(sum(e.misses for e in episodes))
+    overruns = int((late > dt / 2).sum())
+    out = {
+        "task": cfg.task.name,
+        "solver": cfg.solver.name,
+        "policy": cfg.policy.name,
+        "solver_options": OmegaConf.to_container(cfg.solver.options),
+        "warm_start": bool(cfg.warm_start),
+        "noise": cfg.solver.noise,
+        "threads": cfg.threads,
+        "rate_hz": cfg.rate_hz,
+        "obs_delay_ms": cfg.obs_delay_ms,
+        "act_delay_ms": cfg.act_delay_ms,
+        "fallback": cfg.fallback,
+        "chunk_steps": cfg.chunk_steps,
+        "lead_ms": cfg.lead_ms,
+        "latency_safety": cfg.latency_safety,
+        "deadline_margin_ms": cfg.deadline_margin_ms,
+        "n_episodes": len(episodes),
+        "seeds": [e.seed for e in episodes],
+        "score": score,
+        "success_rate": float(np.mean([e.success for e in episodes])),
+        "offline": offline,
+        "score_minus_offline": None if offline is None else score - offline["score"],
+        "ticks": int(sum(e.steps for e in episodes)),
+        "missed_ticks": missed + overruns,
+        "fallback_ticks": missed,
+        "overrun_ticks": overruns,
+        "period_jitter_ms": _stats(np.abs(periods - dt)),
+        "period_ms": _stats(periods),
+        "wake_lateness_ms": _stats(late),
+        "e2e_latency_ms": _stats([x for e in episodes for x in e.e2e_s]),
+        "action_age_ms": _stats([x for e in episodes for x in e.age_s]),
+        "inference_ms": _stats([i.latency_s for i in bounded]),
+        "obs_to_ready_ms": _stats([i.finished - i.obs_time for i in bounded]),
+        "budget_ms": _stats([i.budget_s for i in bounded]),
+        "startup_ms": _stats([e.startup_s for e in episodes]),
+        "iterations": _stats([i.info.get("iterations", np.nan) for i in bounded], scale=1.0),
+        "inferences": len(bounded),
+        "unconverged_inferences": int(sum(not i.converged for i in bounded)),
+        "late_chunks": int(sum(i.late for i in bounded)),
+        "actions_per_chunk": float(np.mean([n for e in episodes for n in e.chunk_actions.values()])),
+        "controller": asdict(ctrl.stats),
+        "episodes": [
+            {
+                "seed": e.seed,
+                "max_reward": e.max_reward,
+                "success": e.success,
+                "steps": e.steps,
+                "misses": e.misses,
+                "miss_ticks": e.miss_ticks,
+            }
+            for e in episodes
+        ],
+    }
+    return out
+
+
+def markdown(r: dict) -> str:
+    """A one-row table of the headline figures."""
+    off = r["offline"]
+    off_txt = "–" if off is None else f"{off['score']:.3f} ({r['score_minus_offline']:+.3f})"
+    j, e, i = r["period_jitter_ms"], r["e2e_latency_ms"], r["inference_ms"]
+    return "\n".join(
+        [
+            "| task | solver | warm | rate | obs/act delay | episodes | ticks | missed ticks | fallback | overruns | "
+            "jitter p50/p99 ms | e2e p50/p99 ms | inference p50/p99 ms | unconverged | score | offline (diff) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {r['task']} | {r['policy']} {r['solver']} | {r['warm_start']} | {r['rate_hz']} Hz | "
+            f"{r['obs_delay_ms']}/{r['act_delay_ms']} ms | {r['n_episodes']} | {r['ticks']} | {r['missed_ticks']} | "
+            f"{r['fallback_ticks']} | {r['overrun_ticks']} | {j['p50']:.2f}/{j['p99']:.2f} | "
+            f"{e.get('p50', float('nan')):.0f}/{e.get('p99', float('nan')):.0f} | "
+            f"{i.get('p50', float('nan')):.0f}/{i.get('p99', float('nan')):.0f} | "
+            f"{r['unconverged_inferences']}/{r['inferences']} | {r['score']:.3f} | {off_txt} |",
+            "",
+        ]
+    )
+
+
+def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
+    if cfg.fallback not in ("hold", "continue"):
+        raise ValueError(f"fallback={cfg.fallback!r}; valid: hold, continue")
+    if cfg.switch_interval_ms is not None:
+        sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
+    clock = clock or MonotonicClock()
+    make_env = env_factory(cfg.task.name)
+    runner = build_runner(cfg)
+    seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
+    if not seeds:
+        raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
+    dt = 1.0 / cfg.rate_hz
+    inferences: list[InferenceInfo] = []
+    episodes: list[EpisodeLog] = []
+    log.info(
+        "%s %s warm=%s at %s Hz, delays obs %s ms / act %s ms, fallback %s, %d episodes",
+        cfg.policy.name,
+        cfg.solver.name,
+        cfg.warm_start,
+        cfg.rate_hz,
+        cfg.obs_delay_ms,
+        cfg.act_delay_ms,
+        cfg.fallback,
+        len(seeds),
+    )
+    ctrl = build_controller(cfg, RunnerPlanner(runner), runner.policy.config.n_obs_steps, clock, inferences.append)
+    with ctrl:
+        for seed in seeds:
+            ep = run_episode(
+                make_env, ctrl, clock, seed, dt, cfg.obs_delay_ms / 1e3, cfg.act_delay_ms / 1e3, cfg.max_steps
+            )
+            episodes.append(ep)
+            worst = max(ep.late_s) * 1e3
+            log.info(
+                "seed %d: max reward %.3f, %d steps, %d fallback ticks, worst wake %.1f ms late, running score %.3f",
+                seed,
+                ep.max_reward,
+                ep.steps,
+                ep.misses,
+                worst,
+                np.mean([e.max_reward for e in episodes]),
+            )
+    results = summarize(cfg, episodes, inferences, ctrl)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (out_dir / "results.md").write_text(table)
+    print("\n" + table)
+    print(f"results written to {out_dir / 'results.json'}")
+    return results
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="realtime")
+def main(cfg: DictConfig) -> None:
+    realtime(cfg)
+
+
+if __name__ == "__main__":
+    main()
