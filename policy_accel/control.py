@@ -60,9 +60,12 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:  # the controller itself needs neither torch nor the policy
+    from policy_accel.runner import PolicyRunner
 
 FALLBACKS = ("hold", "continue")
 
@@ -113,7 +116,7 @@ class Plan:
 
     actions: np.ndarray  # (n, action_dim)
     converged: bool = True  # False: the solver stopped on its budget and returned its current estimate
-    reserve: np.ndarray | None = None  # (m, action_dim) predictions past the chunk, for fallback="continue"
+    reserve: np.ndarray | None = None  # (m, action_dim) predictions past the chunk (chunk_steps, "continue")
     info: dict = field(default_factory=dict)
 
 
@@ -131,7 +134,7 @@ class RunnerPlanner:
     is misaligned and only costs iterations (the chain is still solved to the solver's tolerance).
     """
 
-    def __init__(self, runner: Any):
+    def __init__(self, runner: PolicyRunner):
         self.runner = runner
 
     def __call__(self, obs_history: np.ndarray, time_budget_s: float | None) -> Plan:

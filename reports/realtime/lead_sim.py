@@ -25,7 +25,7 @@ from policy_accel.tasks import env_factory  # noqa: E402
 
 lead, n = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 50
 with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-    cfg = compose("realtime", overrides=["solver=paradigms", "warm_start=true", "threads=2"])
+    cfg = compose("realtime", overrides=["solver=paradigms", "warm_start=true", "threads=1"])
 runner = R.build_runner(cfg)
 inner = RunnerPlanner(runner)
 
