@@ -33,27 +33,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 
-from report import pareto, read_run  # noqa: E402
+from report import load_results, pareto  # noqa: E402
 
 log = logging.getLogger("front")
 BUDGETS_MS = (5, 10, 20, 40, 80, 160)
 EXPERIMENTS = ROOT / "configs" / "experiment"
 # Overrides that choose how a run is executed or where it writes, not which configuration it is.
 RUN_CONTROL = ("seeds", "n_episodes", "start_seed", "env_batch", "threads", "skip_existing", "out_dir", "save_video")
-
-
-def load_runs(dirs: list[Path]) -> list[dict]:
-    """Report rows (eval/report.py) of every finished run directly under ``dirs``, each with its directory name."""
-    rows = []
-    for d in dirs:
-        if not d.is_dir():
-            log.warning("%s is not a directory, skipped", d)
-            continue
-        for run in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            row = read_run(run / "results.json")
-            if row is not None:
-                rows.append({**row, "_dir": run.name})
-    return rows
 
 
 def is_toolkit(row: dict) -> bool:
@@ -261,7 +247,7 @@ def main() -> None:
     parser.add_argument("--command", default=None, help="the command that produced the runs, quoted in the report")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    rows = load_runs(args.dirs)
+    rows = load_results(args.dirs)
     if not rows:
         raise SystemExit(f"no results.json under {', '.join(map(str, args.dirs))}")
     write_front(rows, args.out, args.command)

@@ -114,7 +114,7 @@ def load_results(dirs: list[Path]) -> list[dict]:
         for run in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
             row = read_run(run / "results.json")
             if row is not None:
-                rows.append(row)
+                rows.append({**row, "_dir": run.name})  # the run's name (a benchmark experiment's, say)
     return rows
 
 

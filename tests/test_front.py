@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 
-from front import BUDGETS_MS, load_runs, write_front  # noqa: E402
+from front import BUDGETS_MS, write_front  # noqa: E402
 from report import load_results, write_report  # noqa: E402
 
 ENTRY_KEYS = {"name", "overrides", "latency_ms_p50", "score"}
@@ -50,7 +50,7 @@ def _sweep(runs: Path) -> None:
 
 def test_front_json_schema_and_choices(tmp_path):
     _sweep(tmp_path / "runs")
-    rows = load_runs([tmp_path / "runs"])
+    rows = load_results([tmp_path / "runs"])
     result = write_front(rows, tmp_path / "pusht_front", command="python eval/benchmark.py ...")
     on_disk = json.loads((tmp_path / "pusht_front.json").read_text())
     assert on_disk == result
