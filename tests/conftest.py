@@ -1,7 +1,9 @@
-"""Shared fixtures: a small random denoiser and the committed PushT checkpoint."""
+"""Shared fixtures: a small random denoiser, the committed PushT checkpoint, and the rollout command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,19 @@ def random_net() -> ConditionalUnet1D:
 @pytest.fixture(scope="session")
 def trained_policy():
     return load_policy(PUSHT_CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def run_rollout():
+    """``run_rollout(*overrides)``: ``eval/rollout.py`` as a user runs it (one torch thread), output captured."""
+
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "eval" / "rollout.py"), "threads=1", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    return run

@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -415,21 +413,11 @@ def test_convert_refuses_a_pickle_without_the_flag(small_policy, tmp_path, capsy
 # -- the rollout command --------------------------------------------------------------------------------
 
 
-def _rollout(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "eval" / "rollout.py"), "threads=1", *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_rollout_runs_a_dp_ckpt_given_as_policy_path(small_policy, tmp_path):
+def test_rollout_runs_a_dp_ckpt_given_as_policy_path(small_policy, tmp_path, run_rollout):
     path = write_dp_ckpt(small_policy, tmp_path / "latest.ckpt")
-    refused = _rollout(f"policy.path={path}", "n_episodes=1")
+    refused = run_rollout(f"policy.path={path}", "n_episodes=1")
     assert refused.returncode != 0 and "policy.trust_pickle=true" in refused.stderr + refused.stdout
-    run = _rollout(
+    run = run_rollout(
         f"policy.path={path}",
         "policy.trust_pickle=true",
         "policy=ddim4",
@@ -442,8 +430,8 @@ def test_rollout_runs_a_dp_ckpt_given_as_policy_path(small_policy, tmp_path):
     assert results["checkpoint"] == str(path) and results["n_episodes"] == 1
 
 
-def test_rollout_refuses_a_policy_for_another_task(odd_policy, tmp_path):
+def test_rollout_refuses_a_policy_for_another_task(odd_policy, tmp_path, run_rollout):
     path = write_lerobot_dir(odd_policy, tmp_path / "lr")
-    run = _rollout(f"policy.path={path}", "n_episodes=1")
+    run = run_rollout(f"policy.path={path}", "n_episodes=1")
     assert run.returncode != 0
     assert "expects obs_dim=5, action_dim=3, but task 'pusht' has obs_dim=18, action_dim=2" in run.stderr + run.stdout

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rollout(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "eval" / "rollout.py"), "threads=1", *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_rollout_writes_results_json(tmp_path):
-    run = _rollout("solver=sequential", "policy=ddim4", "seeds=[100000]", f"out_dir={tmp_path}", "save_video=true")
+def test_rollout_writes_results_json(tmp_path, run_rollout):
+    run = run_rollout("solver=sequential", "policy=ddim4", "seeds=[100000]", f"out_dir={tmp_path}", "save_video=true")
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for key in [
@@ -50,8 +38,8 @@ def test_rollout_writes_results_json(tmp_path):
     assert (tmp_path / "episode0.gif").stat().st_size > 0
 
 
-def test_budgeted_warm_newton_rollout_reports_unconverged_inferences(tmp_path):
-    run = _rollout(
+def test_budgeted_warm_newton_rollout_reports_unconverged_inferences(tmp_path, run_rollout):
+    run = run_rollout(
         "solver=newton",
         "policy=ddim4",
         "warm_start=true",
@@ -75,7 +63,7 @@ def test_budgeted_warm_newton_rollout_reports_unconverged_inferences(tmp_path):
         ("checkpoint=/nonexistent/ckpt", "checkpoint directory /nonexistent/ckpt does not exist"),
     ],
 )
-def test_bad_input_fails_with_a_clear_message(override, message):
-    run = _rollout(override, "n_episodes=1")
+def test_bad_input_fails_with_a_clear_message(override, message, run_rollout):
+    run = run_rollout(override, "n_episodes=1")
     assert run.returncode != 0
     assert message in run.stderr + run.stdout
