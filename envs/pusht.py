@@ -137,6 +137,18 @@ class PushTEnv(gym.Env):
     def render(self) -> np.ndarray:
         return self.sim.render()
 
+    def render_plan(self, plan: np.ndarray) -> np.ndarray:
+        """A frame with the executed chunk's targets (n, 2) drawn as red dots."""
+        from PIL import Image, ImageDraw
+
+        frame = self.render()
+        image = Image.fromarray(frame)
+        draw = ImageDraw.Draw(image)
+        s = frame.shape[1] / 512.0
+        for x, y in plan:
+            draw.ellipse([x * s - 4, y * s - 4, x * s + 4, y * s + 4], fill=(220, 30, 30))
+        return np.asarray(image)
+
     def close(self) -> None:
         self.sim.close()
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
-from policy_accel.data import load_replay_buffer, pusht_lowdim_obs  # noqa: E402
+from policy_accel.data import load_demonstrations  # noqa: E402
 from policy_accel.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
 from policy_accel.runner import PolicyRunner  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402
@@ -74,10 +74,10 @@ def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
 
 def control_sequences(task: DictConfig, n_episodes: int, n_inferences: int, n_action_steps: int) -> list[np.ndarray]:
     """Per dataset episode, the observation histories a robot would see at its first inferences."""
-    buffer = load_replay_buffer(task.dataset)
-    obs = pusht_lowdim_obs(buffer)
+    demos = load_demonstrations(task.dataset, task.get("obs_keys"))
+    obs = demos["obs"]
     sequences, start = [], 0
-    for end in buffer["episode_ends"][:n_episodes]:
+    for end in demos["episode_ends"][:n_episodes]:
         frames = [min(start + k * n_action_steps, end - 1) for k in range(n_inferences)]
         sequences.append(np.stack([np.stack([obs[max(f - 1, start)], obs[f]]) for f in frames]))
         start = end

@@ -1,4 +1,5 @@
-"""Diffusion Policy's replay buffer (zarr) and padded sequence windows for training."""
+"""Demonstration datasets (Diffusion Policy's zarr replay buffer, robomimic's hdf5) and padded
+sequence windows for training."""
 
 from __future__ import annotations
 
@@ -25,6 +26,48 @@ def pusht_lowdim_obs(buffer: dict[str, np.ndarray]) -> np.ndarray:
     """PushT low-dim observation per frame: 8 keypoints (16) + agent xy (2)."""
     n = len(buffer["state"])
     return np.concatenate([buffer["keypoint"].reshape(n, -1), buffer["state"][:, :2]], axis=1).astype(np.float32)
+
+
+def load_robomimic_hdf5(path: str | Path, obs_keys: list[str]) -> dict[str, np.ndarray]:
+    """Concatenate a robomimic hdf5 dataset's demos (in ``demo_<i>`` order): obs (keys joined), actions, ends."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist (see {path.parent}/README.md to regenerate it)")
+    with h5py.File(path, "r") as f:
+        demos = sorted(f["data"].keys(), key=lambda name: int(name.split("_")[-1]))
+        if not demos:
+            raise ValueError(f"dataset {path} holds no demos under data/")
+        actions = [f[f"data/{d}/actions"][()] for d in demos]
+        obs = [
+            np.concatenate([f[f"data/{d}/obs/{k}"][()].reshape(len(a), -1) for k in obs_keys], axis=1)
+            for d, a in zip(demos, actions, strict=True)
+        ]
+    return {
+        "obs": np.concatenate(obs).astype(np.float32),
+        "action": np.concatenate(actions).astype(np.float32),
+        "episode_ends": np.cumsum([len(a) for a in actions]),
+    }
+
+
+def load_demonstrations(path: str | Path, obs_keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``obs`` (N, obs_dim), ``action`` (N, action_dim) and ``episode_ends`` of a task's dataset.
+
+    ``.zarr``: a PushT replay buffer (observation = keypoints + agent xy); ``.hdf5``: robomimic's
+    layout, observation = ``obs_keys`` concatenated in order.
+    """
+    path = Path(path)
+    if path.suffix == ".hdf5":
+        if not obs_keys:
+            raise ValueError(f"{path}: a robomimic dataset needs the task's obs_keys")
+        return load_robomimic_hdf5(path, list(obs_keys))
+    buffer = load_replay_buffer(path)
+    return {
+        "obs": pusht_lowdim_obs(buffer),
+        "action": buffer["action"].astype(np.float32),
+        "episode_ends": buffer["episode_ends"],
+    }
 
 
 def sequence_indices(episode_ends: np.ndarray, horizon: int, pad_before: int, pad_after: int) -> np.ndarray:

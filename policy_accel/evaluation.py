@@ -76,18 +76,6 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _draw_plan(frame: np.ndarray, plan: np.ndarray, world_size: float = 512.0) -> np.ndarray:
-    """Overlay the executed chunk (n, 2) in world coordinates as red dots."""
-    from PIL import Image, ImageDraw
-
-    image = Image.fromarray(frame)
-    draw = ImageDraw.Draw(image)
-    s = frame.shape[1] / world_size
-    for x, y in plan:
-        draw.ellipse([x * s - 4, y * s - 4, x * s + 4, y * s + 4], fill=(220, 30, 30))
-    return np.asarray(image)
-
-
 def run_episodes(
     make_env: Callable[[], object],
     runner: PolicyRunner,
@@ -137,7 +125,7 @@ def run_episodes(
                     success[i] |= terminated
                     done[i] = terminated or truncated
                     if film and i == 0:
-                        frames.append(_draw_plan(env.render(), actions[0]))
+                        frames.append(env.render_plan(actions[0]))
         for i, seed in enumerate(group):
             episodes.append(
                 EpisodeResult(int(seed), float(max_reward[i]), bool(success[i]), int(steps[i]), int(inferences[i]))

@@ -4,6 +4,7 @@ fails only when its task is asked for, with the install hint."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 
 def _pusht() -> Callable[[], object]:
@@ -12,11 +13,24 @@ def _pusht() -> Callable[[], object]:
     return make_env
 
 
-TASKS: dict[str, Callable[[], Callable[[], object]]] = {"pusht": _pusht}
+def _robomimic(name: str) -> Callable[[], Callable[[], object]]:
+    def factory() -> Callable[[], object]:
+        from envs.robomimic import make_env
+
+        return partial(make_env, name)
+
+    return factory
+
+
+TASKS: dict[str, Callable[[], Callable[[], object]]] = {
+    "pusht": _pusht,
+    "lift": _robomimic("lift"),
+    "can": _robomimic("can"),
+}
 
 
 def env_factory(task: str) -> Callable[[], object]:
-    """The environment constructor for ``task``; unknown names fail naming the valid ones."""
+    """The environment constructor for ``task`` (takes ``max_episode_steps=``); unknown names fail naming valid ones."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(TASKS))}")
     return TASKS[task]()

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from policy_accel.checkpoint import save_policy
-from policy_accel.data import SequenceDataset, load_replay_buffer, pusht_lowdim_obs
+from policy_accel.data import SequenceDataset, load_demonstrations
 from policy_accel.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig
@@ -41,9 +41,8 @@ def ema_decay(step: int, power: float, max_value: float) -> float:
 
 
 def build_dataset(task: DictConfig, max_episodes: int | None) -> tuple[SequenceDataset, np.ndarray, np.ndarray]:
-    buffer = load_replay_buffer(task.dataset)
-    ends = buffer["episode_ends"]
-    obs, action = pusht_lowdim_obs(buffer), buffer["action"].astype(np.float32)
+    demos = load_demonstrations(task.dataset, task.get("obs_keys"))
+    obs, action, ends = demos["obs"], demos["action"], demos["episode_ends"]
     if max_episodes is not None:
         ends = ends[:max_episodes]
         obs, action = obs[: ends[-1]], action[: ends[-1]]

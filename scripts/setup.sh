@@ -15,5 +15,7 @@ echo "[setup] installing torch==2.13.0 (CPU)"
 .venv/bin/pip install --quiet "torch==2.13.0"
 echo "[setup] installing policy_accel[dev]"
 .venv/bin/pip install --quiet -e ".[dev]"
+echo "[setup] installing robomimic==0.3.0 without its dependencies (see pyproject.toml)"
+.venv/bin/pip install --quiet --no-deps "robomimic==0.3.0"
 touch .venv/.installed
 echo "[setup] done"
