@@ -153,5 +153,6 @@ class PushTEnv(gym.Env):
         self.sim.close()
 
 
-def make_env(max_episode_steps: int = MAX_EPISODE_STEPS) -> PushTEnv:
+def make_env(max_episode_steps: int = MAX_EPISODE_STEPS, render_offscreen: bool = True) -> PushTEnv:
+    """PushT always renders off-screen (pygame surfaces); the flag exists so every task takes the same arguments."""
     return PushTEnv(max_episode_steps=max_episode_steps)

@@ -49,12 +49,23 @@ TASKS = {
 }
 
 
-def _import_robomimic():
-    """robomimic's env utilities, importable on robosuite 1.5 (stub for the ``mujoco_py`` it never uses)."""
-    os.environ.setdefault("MUJOCO_GL", "disable")
+def _import_robomimic(render_offscreen: bool):
+    """robomimic's env utilities, importable on robosuite 1.5 (stub for the ``mujoco_py`` it never uses).
+
+    The first environment of a process picks MuJoCo's GL backend (``MUJOCO_GL``, unless set): none
+    without rendering, EGL (on a CPU machine: Mesa's software EGL) with off-screen rendering.
+    robomimic then imports ``egl_probe`` only to choose a GPU for EGL; without it (it builds from
+    source with CMake) a stand-in reports no GPU, and the default EGL device renders.
+    """
+    os.environ.setdefault("MUJOCO_GL", "egl" if render_offscreen else "disable")
     stub = types.ModuleType("mujoco_py")
     stub.builder = types.SimpleNamespace(MujocoException=Exception)
     sys.modules.setdefault("mujoco_py", stub)
+    if render_offscreen:
+        try:
+            import egl_probe  # noqa: F401
+        except ImportError:
+            sys.modules["egl_probe"] = types.SimpleNamespace(get_available_devices=lambda: [])
     try:
         import robomimic.utils.env_utils as env_utils
         import robomimic.utils.obs_utils as obs_utils
@@ -112,7 +123,7 @@ class RobomimicLowdimEnv(gym.Env):
         self.spec_ = _spec(task)
         self.max_episode_steps = max_episode_steps or self.spec_.max_episode_steps
         self.render_offscreen = render_offscreen
-        env_utils = _import_robomimic()
+        env_utils = _import_robomimic(render_offscreen)
         self.env = env_utils.create_env_from_metadata(
             env_meta=env_meta(task, render_offscreen),
             render=False,
@@ -177,7 +188,7 @@ class RobomimicLowdimEnv(gym.Env):
 
     def render(self) -> np.ndarray:
         if not self.render_offscreen:
-            raise RuntimeError("rendering needs render_offscreen=True (and MUJOCO_GL=egl or osmesa)")
+            raise RuntimeError(f"{self.spec_.name}: rendering needs an env made with render_offscreen=True")
         return self.env.render(mode="rgb_array", height=256, width=256, camera_name="agentview")
 
     def render_plan(self, plan: np.ndarray) -> np.ndarray:

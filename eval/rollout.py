@@ -100,7 +100,9 @@ def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) 
 
 def rollout(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.threads)
-    make_env = partial(env_factory(cfg.task.name), max_episode_steps=cfg.task.max_episode_steps)
+    make_env = partial(
+        env_factory(cfg.task.name), max_episode_steps=cfg.task.max_episode_steps, render_offscreen=cfg.save_video
+    )
     solver = make_solver(cfg.solver.name, **OmegaConf.to_container(cfg.solver.options))
     checkpoint = cfg.policy.get("path") or cfg.checkpoint
     policy = load_policy(checkpoint, device=cfg.device, trust_pickle=bool(cfg.policy.get("trust_pickle", False)))

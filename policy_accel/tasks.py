@@ -30,7 +30,8 @@ TASKS: dict[str, Callable[[], Callable[[], object]]] = {
 
 
 def env_factory(task: str) -> Callable[[], object]:
-    """The environment constructor for ``task`` (takes ``max_episode_steps=``); unknown names fail naming valid ones."""
+    """The environment constructor for ``task`` (keywords ``max_episode_steps``, ``render_offscreen``); unknown names
+    fail naming the valid ones."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(TASKS))}")
     return TASKS[task]()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
+import os
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -125,3 +129,24 @@ def test_env_factory_accepts_the_step_limit():
     env.reset(seed=0)
     assert env.max_episode_steps == 2
     env.close()
+
+
+@pytest.mark.skipif(ctypes.util.find_library("EGL") is None, reason="no EGL library for off-screen rendering")
+def test_offscreen_render_gives_frames(tmp_path):
+    """Rendering is opt-in: a fresh process (MuJoCo's GL backend is chosen once per process) renders frames."""
+    code = (
+        "from envs.robomimic import make_env\n"
+        "env = make_env('lift', render_offscreen=True)\n"
+        "env.reset(seed=0)\n"
+        "frame = env.render()\n"
+        "assert frame.shape == (256, 256, 3) and frame.std() > 1, (frame.shape, frame.std())\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_render_without_offscreen_renderer_fails_clearly(lift_env):
+    with pytest.raises(RuntimeError, match="render_offscreen=True"):
+        lift_env.render()
