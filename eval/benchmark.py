@@ -15,6 +15,7 @@ Set ``score_env_batch=1 latency_episodes=50`` for a single batch-1 pass.
 
     python eval/benchmark.py                                   # the default configurations, 50 seeds
     python eval/benchmark.py n_episodes=5 out_dir=/tmp/bench   # a quick look
+    python eval/benchmark.py task=lift out_dir=reports/lift    # any task of configs/task/, same sweep
     python eval/benchmark.py "score_launcher=['hydra/launcher=ray']"   # score pass on Ray (ray.init config:
     # hydra.launcher.ray.init.address=auto joins a running cluster; default: a local instance)
 
@@ -62,7 +63,7 @@ def multirun(
         "--multirun",
         *launcher,
         f"+experiment={','.join(names)}",
-        f"task={cfg.task}",
+        f"task={cfg.task.name}",
         f"seeds=[{','.join(map(str, seeds))}]",
         f"env_batch={env_batch}",
         f"threads={threads}",
@@ -129,7 +130,7 @@ def run_sweep(cfg: DictConfig) -> None:
     command = "python eval/benchmark.py " + " ".join(sys.argv[1:])
     rows = load_results([out / "runs"])
     if rows:
-        write_report(rows, out, f"{cfg.task}: latency vs reward (CPU)", command.strip())
+        write_report(rows, out, f"{cfg.task.name}: latency vs reward (CPU)", command.strip())
         log.info("report written to %s", out / "report.md")
     if failed:
         raise SystemExit(f"jobs failed in the {' and '.join(failed)} pass(es); the report holds the finished runs")
