@@ -82,6 +82,7 @@ def merge(score: dict, latency: dict) -> dict:
         merged[key] = latency[key]
     devs = [d for d in (score.get("max_abs_dev"), latency.get("max_abs_dev")) if d is not None]
     merged["max_abs_dev"] = max(devs) if devs else None
+    merged["approximate"] = bool(score.get("approximate")) or bool(latency.get("approximate"))
     merged["latency_seeds"] = latency["seeds"]
     merged["score_env_batch"] = score["env_batch"]
     # The timing conditions are the latency pass's (batch 1, its threads), not the batched score pass's.

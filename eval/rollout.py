@@ -9,7 +9,8 @@
 
 Writes ``results.json`` (score = mean over episodes of max reward, success rate, per-inference
 latency and iteration statistics, per-episode results) into the run directory, with what reproduces
-and labels it: ``approximate`` (true for ``warm_start=renoise``: not the sampler's output for any noise),
+and labels it: ``approximate`` (true for ``warm_start=renoise``: not the sampler's output for any noise; and for
+warm-started paradigms, whose stopping test a good guess passes early),
 ``overrides`` (this job's command-line overrides), ``experiment`` and ``hardware``.
 """
 
@@ -130,7 +131,7 @@ def rollout(cfg: DictConfig) -> dict:
         check_exactness=cfg.check_exactness,
         renoise_steps=cfg.renoise_steps,
     )
-    if runner.approximate:
+    if runner.renoise:
         log.warning(
             "APPROXIMATE warm start (renoise, last %d of %d steps): chunks are not the sampler's output for any "
             "noise; results.json records approximate=true",

@@ -77,6 +77,18 @@ def test_warm_started_runner_returns_the_sequential_sample_of_its_noise(trained_
     assert not runner.plan(obs)[2].warm
 
 
+@pytest.mark.parametrize(
+    "solver,warm_start,approximate",
+    [("paradigms", True, True), ("paradigms", False, False), ("newton", True, False), ("sequential", "renoise", True)],
+)
+def test_runner_labels_configurations_that_are_not_reliably_exact(trained_policy, solver, warm_start, approximate):
+    """Warm paradigms' stopping test can pass early (0.24 off on Can), so it is labelled like re-noising."""
+    schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
+    steps = 2 if warm_start == "renoise" else None
+    runner = PolicyRunner(trained_policy, make_solver(solver), schedule, warm_start, renoise_steps=steps)
+    assert runner.approximate is approximate
+
+
 def test_unknown_noise_policy_is_rejected(trained_policy):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
     with pytest.raises(ValueError, match="unknown noise policy 'same'"):
