@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +35,33 @@ def test_latency_report_has_the_cost_model_fields(tmp_path):
     assert report["samplers"]["seq_ddpm100"]["iterations_mean"] == 100
     assert report["samplers"]["newton_broyden_warm"]["n"] == 2  # warm rows only: the first inference is cold
     assert "| seq_ddim2 |" in (tmp_path / "latency.md").read_text()
+    # sequential DDPM-100 makes 100 batch-1 calls: its cost-model time is 100 measured batch-1 calls
+    seq = report["samplers"]["seq_ddpm100"]
+    assert seq["cost_model_ms_p50"] == pytest.approx(100 * report["network_ms"]["1"])
+
+
+def test_cost_model_prices_calls_at_the_measured_fixed_batch_times():
+    sys.path.insert(0, str(ROOT / "eval"))
+    from latency import cost_model_ms
+
+    table = {"1": 2.0, "4": 5.0, "100": 20.0}
+    assert cost_model_ms(table, [1, 1, 4]) == pytest.approx(9.0)
+    assert cost_model_ms(table, [2]) == pytest.approx(3.0)  # linear between measured sizes
+    assert cost_model_ms(table, [200]) == pytest.approx(40.0)  # beyond the table: proportional to the largest
+
+
+def _cache_capacity_after_import(env: dict[str, str]) -> str:
+    code = "import os, policy_accel; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return run.stdout.strip()
+
+
+def test_import_enlarges_the_onednn_kernel_cache_unless_the_user_set_it():
+    import os
+
+    from policy_accel import PRIMITIVE_CACHE_CAPACITY
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    assert _cache_capacity_after_import(env) == PRIMITIVE_CACHE_CAPACITY
+    assert int(PRIMITIVE_CACHE_CAPACITY) > 1024  # oneDNN's default, which the solvers' batch sizes thrash
+    assert _cache_capacity_after_import({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}) == "64"
