@@ -1,7 +1,8 @@
-"""U-Net call time over batch sizes 100, 99, ..., 1 (three passes), as the parallel solvers' shrinking windows call it.
+"""U-Net call time over batch sizes 100, 99, ..., 1 (three passes), as the solvers' shrinking windows call it.
 
-    .venv/bin/python reports/latency/cpu_checkpoint_kernel_cache/vary_batch_probe.py          # policy_accel's 8192
-    ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 .venv/bin/python reports/latency/cpu_checkpoint_kernel_cache/vary_batch_probe.py   # oneDNN default
+P=reports/latency/cpu_checkpoint_kernel_cache/vary_batch_probe.py
+.venv/bin/python $P                                         # policy_accel's 8192
+ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 .venv/bin/python $P    # oneDNN's default
 """
 
 import os
