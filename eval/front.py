@@ -182,13 +182,20 @@ def write_markdown(result: dict, rows: list[dict], path: Path, image: str, comma
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Score against median latency (log x): every configuration, three fronts, and the budgets."""
+    """Score against median latency (log x): every configuration, three fronts (points named), and the budgets."""
     groups = [
         ("sequential", [r for r in rows if not is_toolkit(r)], "o", "tab:blue", False),
         ("toolkit, exact", [r for r in rows if is_toolkit(r) and not r["approximate"]], "s", "tab:green", False),
         ("toolkit, approximate", [r for r in rows if r["approximate"]], "^", "tab:red", True),
     ]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    exact_toolkit = [r for r in rows if is_toolkit(r) and not r["approximate"]]
+    fronts = [  # hollow rings of growing size mark each front's points, so coinciding fronts stay visible
+        ("sequential front", pareto([r for r in rows if not is_toolkit(r)]), "tab:blue", "-", 10),
+        ("toolkit exact front", pareto(exact_toolkit), "tab:green", "--", 14),
+        ("overall front (incl. approximate)", pareto(rows), "black", ":", 18),
+    ]
+    on_a_front = {id(r) for _, f, *_ in fronts for r in f}
+    fig, ax = plt.subplots(figsize=(10, 6))
     for name, group, marker, color, hollow in groups:
         if not group:
             continue
@@ -201,16 +208,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             facecolors="none" if hollow else color,
             edgecolors=color,
         )
-        for r in group:
-            ax.annotate(
-                entry_name(r), (r["latency_p50_ms"], r["score"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-            )
-    exact_toolkit = [r for r in rows if is_toolkit(r) and not r["approximate"]]
-    fronts = [  # hollow rings of growing size mark each front's points, so coinciding fronts stay visible
-        ("sequential front", pareto([r for r in rows if not is_toolkit(r)]), "tab:blue", "-", 10),
-        ("toolkit exact front", pareto(exact_toolkit), "tab:green", "--", 14),
-        ("overall front (incl. approximate)", pareto(rows), "black", ":", 18),
-    ]
+        for r in group:  # names on front points only (the report's table lists every configuration)
+            if id(r) in on_a_front:
+                ax.annotate(
+                    entry_name(r), (r["latency_p50_ms"], r["score"]), fontsize=6, xytext=(3, -9),
+                    textcoords="offset points",
+                )  # fmt: skip
     for name, f, color, ls, size in fronts:
         if f:
             xs, ys = [r["latency_p50_ms"] for r in f], [r["score"] for r in f]

@@ -10,7 +10,8 @@
 Writes ``results.json`` (score = mean over episodes of max reward, success rate, per-inference
 latency and iteration statistics, per-episode results) into the run directory, with what reproduces
 and labels it: ``approximate`` (true for ``warm_start=renoise``: not the sampler's output for any noise; and for
-warm-started paradigms, whose stopping test a good guess passes early),
+warm-started paradigms, whose stopping test a good guess passes early; and for any run in which an inference
+stopped at its budget before converging),
 ``overrides`` (this job's command-line overrides), ``experiment`` and ``hardware``.
 """
 
@@ -158,6 +159,7 @@ def rollout(cfg: DictConfig) -> dict:
     )
     overrides, experiment = job_overrides()
     outcome = run_episodes(make_env, runner, seeds, cfg.env_batch, record_video=cfg.save_video)
+    summary = outcome.summary()
     results = {
         "task": cfg.task.name,
         "solver": solver.name,
@@ -165,7 +167,8 @@ def rollout(cfg: DictConfig) -> dict:
         "solver_options": OmegaConf.to_container(cfg.solver.options),
         "warm_start": warm_start_value(cfg),
         "renoise_steps": cfg.renoise_steps,
-        "approximate": runner.approximate,
+        # an inference stopped by its budget returned an estimate, not the sampler's output
+        "approximate": runner.approximate or summary["unconverged_inferences"] > 0,
         "noise": cfg.solver.noise,
         "checkpoint": str(checkpoint),
         "env_batch": cfg.env_batch,
@@ -174,7 +177,7 @@ def rollout(cfg: DictConfig) -> dict:
         "hardware": hardware(torch.device(cfg.device), cfg.threads),
         "overrides": overrides,
         "experiment": experiment,
-        **outcome.summary(),
+        **summary,
     }
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
