@@ -152,6 +152,27 @@ def test_budget_leaves_room_for_a_solver_that_ran_past_its_last_one():
     assert budgets[1:] == [pytest.approx(0.39), pytest.approx(1.19 - 0.81 - 0.02)]
 
 
+def test_episode_start_solves_set_the_lead_only_until_on_clock_latencies_are_known():
+    """An episode's first solve runs with the robot at rest and may be far slower (cold); it must not stretch the
+    lead of the next episode's on-clock solves."""
+    clock = FakeClock()
+
+    def planner(history, budget):
+        clock.advance(1.0 if budget is None else 0.05)  # start solves are unbounded (budget None)
+        return np.zeros((8, 2))
+
+    with controller(planner, clock, lead_s=None, latency_safety=1.0, latency_window=2) as ctrl:
+        t0 = ctrl.start_episode(obs_at(0))
+        assert ctrl.expected_latency_s() == pytest.approx(1.0)  # the only evidence so far
+        for k in range(1, 12):
+            tick(ctrl, clock, k, t0)
+            assert ctrl.wait_for_inference(timeout=10)
+        assert ctrl.stats.inferences >= 3
+        assert ctrl.expected_latency_s() == pytest.approx(0.05)  # two on-clock solves fill the window
+        ctrl.start_episode(obs_at(0))
+        assert ctrl.expected_latency_s() == pytest.approx(0.05)
+
+
 @pytest.mark.parametrize("fallback", ["hold", "continue"])
 def test_late_chunk_drops_stale_actions_and_fallback_fills_the_gap(fallback):
     clock = FakeClock()
