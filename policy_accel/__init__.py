@@ -4,9 +4,9 @@ import os
 
 # oneDNN (PyTorch's CPU convolutions) caches 1024 compiled kernels by default: ~31 batch sizes of the U-Net's 33
 # convolutions. Parallel solvers call the network at up to ~150 batch sizes (shrinking windows), so with the
-# default every call recompiles its kernels: 22.4 vs 14.6 ms per call over batch sizes 1..100 on the 2-core CPU
-# (+60 MB of cache). oneDNN reads this once, when it builds its first kernel: importing policy_accel before any
-# convolution runs is enough. A value the user set wins.
+# default every call recompiles its kernels: 23.1 vs 14.6 ms per call over batch sizes 1..100 on the 2-core CPU,
+# +64 MB (reports/latency/cpu_checkpoint_kernel_cache/). oneDNN reads this once, when it builds its first kernel:
+# importing policy_accel before any convolution runs is enough. A value the user set wins.
 PRIMITIVE_CACHE_CAPACITY = "8192"
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
 
