@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,6 @@ def _cache_capacity_after_import(env: dict[str, str]) -> str:
 
 
 def test_import_enlarges_the_onednn_kernel_cache_unless_the_user_set_it():
-    import os
-
     from policy_accel import PRIMITIVE_CACHE_CAPACITY
 
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}

@@ -17,11 +17,9 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))
-from latency import control_sequences  # noqa: E402
+from latency import control_sequences, run_configuration  # noqa: E402
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
-from policy_accel.runner import PolicyRunner  # noqa: E402
-from policy_accel.solvers import make_solver  # noqa: E402
 
 solver_name = sys.argv[1] if len(sys.argv) > 1 else "newton"
 policy = load_policy(ROOT / "checkpoints/pusht")
@@ -31,15 +29,9 @@ sequences = control_sequences(OmegaConf.load(ROOT / "configs/task/pusht.yaml"), 
 def warm_median_ms(threads: int, out: list[float]) -> None:
     torch.set_num_threads(threads)  # per calling thread: OpenMP's thread count is a per-thread setting
     options = {"jacobian": "broyden"} if solver_name == "newton" else {}
-    runner = PolicyRunner(policy, make_solver(solver_name, **options), policy.schedule(), True, "coupled")
-    latencies = []
-    for i, seq in enumerate(sequences):
-        runner.reset(seed=i)
-        for k, obs in enumerate(seq):
-            _, _, record = runner.plan(obs[None])
-            if k > 0:
-                latencies.append(record.latency_s * 1e3)
-    out.append(statistics.median(latencies))
+    spec = {"solver": solver_name, "options": options, "warm_start": True, "noise": "coupled"}
+    rows = run_configuration(policy, spec, sequences, policy.device, profile=False)
+    out.append(statistics.median(latency for warm, latency, *_ in rows if warm))
 
 
 for _ in range(2):
