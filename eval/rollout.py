@@ -77,13 +77,15 @@ def finished_run(cfg: DictConfig, seeds: list[int], checkpoint: str) -> dict | N
         "solver_options": OmegaConf.to_container(cfg.solver.options),
         "warm_start": warm_start_value(cfg),
         "renoise_steps": cfg.renoise_steps,
+        "tail_fill": cfg.tail_fill,
         "noise": cfg.solver.noise,
         "checkpoint": str(checkpoint),
         "env_batch": cfg.env_batch,
         "threads": cfg.threads,
         "seeds": seeds,
     }
-    differ = {k: (done.get(k), v) for k, v in this.items() if done.get(k) != v}
+    older = {"tail_fill": "repeat"}  # results written before the option existed used this
+    differ = {k: (done.get(k, older.get(k)), v) for k, v in this.items() if done.get(k, older.get(k)) != v}
     if differ:
         raise ValueError(f"skip_existing: {path} holds another run; (found, this run): {differ}")
     return done
@@ -131,6 +133,7 @@ def rollout(cfg: DictConfig) -> dict:
         budget,
         check_exactness=cfg.check_exactness,
         renoise_steps=cfg.renoise_steps,
+        tail_fill=cfg.tail_fill,
     )
     if runner.renoise:
         log.warning(
@@ -167,6 +170,7 @@ def rollout(cfg: DictConfig) -> dict:
         "solver_options": OmegaConf.to_container(cfg.solver.options),
         "warm_start": warm_start_value(cfg),
         "renoise_steps": cfg.renoise_steps,
+        "tail_fill": cfg.tail_fill,
         # an inference stopped by its budget returned an estimate, not the sampler's output
         "approximate": runner.approximate or summary["unconverged_inferences"] > 0,
         "noise": cfg.solver.noise,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -31,13 +32,18 @@ class GraphedDenoiser:
         self.warmup = warmup
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
-    @torch.inference_mode()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
+        if forward_ad.unpack_dual(sample).tangent is not None:
+            return self.model(sample, timestep, global_cond)  # forward-mode Jacobians: a graph replays no tangents
+        return self._replay(sample, timestep, global_cond)
+
+    @torch.inference_mode()
+    def _replay(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
         n = sample.shape[0]
         largest = self.buckets[-1]
         if n > largest:
             parts = [
-                self(sample[i : i + largest], timestep[i : i + largest], global_cond[i : i + largest])
+                self._replay(sample[i : i + largest], timestep[i : i + largest], global_cond[i : i + largest])
                 for i in range(0, n, largest)
             ]
             return torch.cat(parts)

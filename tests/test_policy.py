@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.runner import PolicyRunner, shift_horizon, shift_jacobians
+from policy_accel.runner import PolicyRunner, shift_horizon, shift_jacobians, tail_chain
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.solvers import make_solver
+from policy_accel.solvers.base import Noise, step_noise
 
 
 @pytest.mark.parametrize(
@@ -87,6 +88,41 @@ def test_runner_labels_configurations_that_are_not_reliably_exact(trained_policy
     steps = 2 if warm_start == "renoise" else None
     runner = PolicyRunner(trained_policy, make_solver(solver), schedule, warm_start, renoise_steps=steps)
     assert runner.approximate is approximate
+
+
+@pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddim", 16)])
+def test_tail_chain_is_the_sampler_chain_of_a_denoiser_that_predicts_a_fixed_clean_sample(kind, steps):
+    schedule = Schedule(ScheduleConfig(kind=kind, num_inference_steps=steps))
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 8, 2, generator=g) * 1.6 - 0.8
+    noise = Noise.draw(steps, (2, 8, 2), g)
+
+    def oracle(sample, timestep, cond):  # the epsilon of `clean` at the row's timestep
+        index = torch.searchsorted(-schedule.timesteps, -timestep)  # timesteps descend
+        s0 = schedule.sqrt_alpha_prod[index].view(-1, 1, 1)
+        s1 = schedule.sqrt_beta_prod[index].view(-1, 1, 1)
+        return (sample - s0 * clean) / s1
+
+    with torch.inference_mode():
+        reference = make_solver("sequential").solve(oracle, schedule, noise, torch.zeros(2, 1))
+        chain = tail_chain(schedule, clean, noise.x_T, step_noise(schedule, noise))
+    torch.testing.assert_close(chain[-1], reference.sample)
+    torch.testing.assert_close(chain, reference.trajectory)
+
+
+def test_chain_tail_fill_keeps_warm_starts_exact(trained_policy):
+    schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=16))
+    runner = PolicyRunner(trained_policy, make_solver("newton"), schedule, True, "coupled", seed=0, tail_fill="chain")
+    obs = np.random.default_rng(0).uniform(100, 400, (2, 2, 18))
+    runner.plan(obs)
+    _, second, record = runner.plan(obs + 1.0)
+    assert record.warm
+    with torch.inference_mode():
+        cond = trained_policy.condition(obs + 1.0)
+        reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, runner._previous[1], cond)
+    assert second.converged and (second.sample - reference.sample).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match="unknown tail_fill 'extrapolate'"):
+        PolicyRunner(trained_policy, make_solver("newton"), schedule, True, tail_fill="extrapolate")
 
 
 def test_unknown_noise_policy_is_rejected(trained_policy):

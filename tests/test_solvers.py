@@ -16,6 +16,7 @@ EXACT_SOLVERS = [
     ("paradigms", {"tolerance": 1e-3}, 1e-3),
     ("parataa", {}, 1e-3),
     ("newton", {"jacobian": "exact"}, 1e-3),
+    ("newton", {"jacobian": "exact", "derivatives": "forward_ad"}, 1e-3),
     ("newton", {"jacobian": "chord"}, 1e-3),
     ("newton", {"jacobian": "broyden"}, 1e-3),
 ]
@@ -66,8 +67,10 @@ def test_trained_checkpoint(trained_policy, case, kind, steps, batch):
     assert (result.sample - reference.sample).abs().max() <= atol
 
 
-def test_trained_checkpoint_exact_newton_is_exact_in_few_rounds(trained_policy):
-    reference, result = _solve_both(trained_policy.denoiser, "ddim", 16, 1, "newton", {"jacobian": "exact"}, 36)
+@pytest.mark.parametrize("derivatives", ["finite_difference", "forward_ad"])
+def test_trained_checkpoint_exact_newton_is_exact_in_few_rounds(trained_policy, derivatives):
+    options = {"jacobian": "exact", "derivatives": derivatives}
+    reference, result = _solve_both(trained_policy.denoiser, "ddim", 16, 1, "newton", options, 36)
     assert result.converged and result.iterations <= 16
     assert (result.sample - reference.sample).abs().max() <= 1e-3
 
@@ -107,6 +110,7 @@ def test_budget_is_reported_and_the_chunk_is_still_valid(random_net, name, budge
         ("newton", {"tolerance": -1}, "tolerance"),
         ("newton", {"step_tolerance": 0.0}, "step_tolerance"),
         ("newton", {"recursion": "cr"}, "unknown recursion"),
+        ("newton", {"derivatives": "complex_step"}, "unknown derivatives"),
     ],
 )
 def test_bad_solver_names_and_options_fail_clearly(name, options, match):
@@ -169,3 +173,31 @@ def test_cuda_graphs_refuse_a_cpu_model(random_net):
 
     with pytest.raises(ValueError, match="CUDA"):
         GraphedDenoiser(random_net)
+
+
+def test_step_jacobians_match_autograd(trained_policy):
+    """Forward-mode Jacobians equal reverse-mode autograd's to rounding; finite differences are off by up to 1e-2."""
+    from policy_accel.solvers.newton import step_jacobians
+
+    schedule = Schedule(ScheduleConfig())
+    g = torch.Generator().manual_seed(2)
+    states = torch.randn(3, 2, 16, 2, generator=g)
+    cond = torch.randn(2, 36, generator=g).clamp(-1, 1)
+    steps = torch.tensor([0, 40, 99])
+    with torch.inference_mode():
+        stepped, exact = step_jacobians(trained_policy.denoiser, schedule, states, steps, cond, "forward_ad")
+        _, approximate = step_jacobians(trained_policy.denoiser, schedule, states, steps, cond, "finite_difference")
+    for level in range(3):
+        for row in range(2):
+            index = steps[level : level + 1]
+
+            def step(y, row=row, index=index):
+                eps = trained_policy.model(y.view(1, 16, 2), schedule.timesteps[index], cond[row : row + 1])
+                return schedule.step(y.view(1, 16, 2), eps, index).flatten()
+
+            reference = torch.autograd.functional.jacobian(step, states[level, row].flatten().clone())
+            torch.testing.assert_close(exact[level, row], reference, atol=2e-5, rtol=1e-4)
+            assert (approximate[level, row] - reference).abs().max() <= 5e-2  # 1.4e-2 here, at a clipping kink
+            torch.testing.assert_close(stepped[level, row].flatten(), step(states[level, row].flatten()))
+    with pytest.raises(ValueError, match="unknown derivatives"):
+        step_jacobians(trained_policy.denoiser, schedule, states, steps, cond, "central")
