@@ -85,15 +85,16 @@ def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor
     return out.view(T, B, D, D)
 
 
-def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, step_noise: torch.Tensor) -> torch.Tensor:
-    """The chain (T+1, *x_T.shape) from ``x_T`` with noise ``step_noise`` (T, ...) for a denoiser that predicts
+def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, added_noise: torch.Tensor) -> torch.Tensor:
+    """The chain (T+1, *x_T.shape) from ``x_T`` with per-step noise ``added_noise`` (T, ...) for a denoiser that
+    predicts
     ``clean`` (shaped like ``x_T``) at every level: each step's epsilon is the one that maps its state to ``clean``."""
     out = torch.empty((schedule.num_steps + 1, *x_T.shape), dtype=x_T.dtype, device=x_T.device)
     out[0] = x_T
     rows = torch.zeros(x_T.shape[0], dtype=torch.long, device=x_T.device)
     for j in range(schedule.num_steps):
         eps = (out[j] - schedule.sqrt_alpha_prod[j] * clean) / schedule.sqrt_beta_prod[j]
-        out[j + 1] = schedule.step(out[j], eps, rows + j) + step_noise[j]
+        out[j + 1] = schedule.step(out[j], eps, rows + j) + added_noise[j]
     return out
 
 
