@@ -87,8 +87,7 @@ def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor
 
 def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, added_noise: torch.Tensor) -> torch.Tensor:
     """The chain (T+1, *x_T.shape) from ``x_T`` with per-step noise ``added_noise`` (T, ...) for a denoiser that
-    predicts
-    ``clean`` (shaped like ``x_T``) at every level: each step's epsilon is the one that maps its state to ``clean``."""
+    predicts ``clean`` (shaped like ``x_T``) at every level: each step's epsilon maps its state to ``clean``."""
     out = torch.empty((schedule.num_steps + 1, *x_T.shape), dtype=x_T.dtype, device=x_T.device)
     out[0] = x_T
     rows = torch.zeros(x_T.shape[0], dtype=torch.long, device=x_T.device)
