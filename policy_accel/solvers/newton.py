@@ -35,6 +35,8 @@ Newton update.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,13 @@ JACOBIAN_STRATEGIES = ("exact", "chord", "broyden")
 
 DERIVATIVES = ("finite_difference", "forward_ad")
 FINITE_DIFFERENCE_STEP = 1e-3
+
+
+@contextlib.contextmanager
+def _dual_numbers() -> Iterator[None]:
+    """Dual tensors cannot be built from inference tensors: leave inference mode (gradients stay off)."""
+    with torch.inference_mode(False), torch.no_grad(), forward_ad.dual_level():
+        yield
 
 
 def step_jacobians(
@@ -92,8 +101,7 @@ def step_jacobians(
     base = stepped.reshape(L * B, 1, D)
     per_chunk = max(1, max_rows // D)
     blocks = []
-    # Dual tensors cannot be built from inference tensors: leave inference mode (gradients stay off).
-    with torch.inference_mode(False), torch.no_grad(), forward_ad.dual_level():
+    with _dual_numbers() if derivatives == "forward_ad" else contextlib.nullcontext():
         basis = torch.eye(D, device=states.device, dtype=states.dtype).reshape(D, *shape)
         for start in range(0, L * B, per_chunk):
             stop = min(start + per_chunk, L * B)
