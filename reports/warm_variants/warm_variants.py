@@ -23,6 +23,7 @@ import atexit
 import json
 import runpy
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,18 +119,10 @@ def solve_all(path: str, out: str, tail: str, derivatives: str, limit: int | Non
         )
 
 
-def step_test_stop(updates: list[float], tolerance: float, fallback: int) -> int:
-    """The exact solver's step test: stop after round k + 1 once s_k r / (1 - r) <= tolerance, r = s_k / s_{k-1}."""
-    for k in range(1, len(updates)):
-        if updates[k] == 0 or updates[k - 1] == 0:
-            break
-        rate = updates[k] / updates[k - 1]
-        if rate < 1 and updates[k] * rate / (1 - rate) <= tolerance:
-            return k + 1
-    return fallback
-
-
 def table(paths: list[str]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "warm_stop_rules"))
+    from stop_rule_replay import estimate_stop  # the exact solver's step test, replayed on update sizes
+
     print(
         "| result | warm solves | residual test: mean (p95, max) | oracle mean | step test 1e-4: mean, max dev "
         "| step test 1e-3: mean, max dev |"
@@ -143,7 +136,7 @@ def table(paths: list[str]) -> None:
             if "updates" not in warm[0]:
                 cells.append("not recorded")
                 continue
-            stops = [min(step_test_stop(r["updates"], tol, r["rounds"]), r["rounds"]) for r in warm]
+            stops = [min(estimate_stop(r["updates"], tol, r["rounds"]), r["rounds"]) for r in warm]
             devs = [
                 r["devs"][k - 1] if k <= len(r["devs"]) else r["final_dev"] for r, k in zip(warm, stops, strict=True)
             ]
