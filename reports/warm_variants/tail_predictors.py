@@ -57,9 +57,10 @@ def demos(out: str) -> None:
 
 
 def x0_levels(path: str, out: str) -> None:
+    from warm_variants import chain_filled  # this script's directory is on sys.path when run as a script
+
     from policy_accel.checkpoint import load_policy
-    from policy_accel.runner import tail_chain
-    from policy_accel.solvers.base import Noise, evaluate_steps, step_noise
+    from policy_accel.solvers.base import Noise, evaluate_steps
 
     torch.set_num_threads(1)
     policy = load_policy("checkpoints/pusht")
@@ -72,11 +73,9 @@ def x0_levels(path: str, out: str) -> None:
         for p in torch.load(path, weights_only=True):
             if p["init"] is None:
                 continue
-            noise, init = Noise(p["x_T"], p["z"]), p["init"].clone()
-            clean = init[-1, :, -1:, :].expand(-1, shift, -1)
-            init[:, :, keep:] = tail_chain(
-                schedule, clean, noise.x_T[:, keep:], step_noise(schedule, noise)[:, :, keep:]
-            )
+            noise = Noise(p["x_T"], p["z"])
+            clean = p["init"][-1, :, -1:, :].expand(-1, shift, -1)
+            init = chain_filled(schedule, p["init"], noise, clean, keep)
             _, eps = evaluate_steps(policy.denoiser, schedule, init[:-1], levels, p["cond"])
             x0 = schedule.predict_x0(init[:-1, 0], eps[:, 0], levels)  # (T, H, A)
             truth = p["sample"][0, keep:]

@@ -54,16 +54,25 @@ def record(path: str, overrides: list[str]) -> None:
     runpy.run_path("eval/rollout.py", run_name="__main__")
 
 
+def chain_filled(schedule, init: torch.Tensor, noise, clean: torch.Tensor, keep: int) -> torch.Tensor:
+    """A copy of the warm start whose positions ``keep`` on follow ``tail_chain`` to ``clean`` (the runner's
+    ``tail_fill=chain`` when ``clean`` is the previous chunk's last action)."""
+    from policy_accel.runner import tail_chain
+    from policy_accel.solvers.base import step_noise
+
+    init = init.clone()
+    init[:, :, keep:] = tail_chain(schedule, clean, noise.x_T[:, keep:], step_noise(schedule, noise)[:, :, keep:])
+    return init
+
+
 def solve_all(path: str, out: str, tail: str, derivatives: str, limit: int | None) -> None:
     from policy_accel.checkpoint import load_policy
-    from policy_accel.runner import tail_chain
-    from policy_accel.schedule import Schedule
     from policy_accel.solvers import newton
-    from policy_accel.solvers.base import Noise, step_noise
+    from policy_accel.solvers.base import Noise
 
     problems = torch.load(path, weights_only=True)[:limit]
     policy = load_policy("checkpoints/pusht")
-    schedule = Schedule(policy.config.schedule)
+    schedule = policy.schedule()
     solver = newton.NewtonSolver(jacobian="exact", step_tolerance=None, derivatives=derivatives)
     finals: list[torch.Tensor] = []
     updates: list[float] = []  # largest update entry of each round, every level (what the step test sees)
@@ -84,13 +93,10 @@ def solve_all(path: str, out: str, tail: str, derivatives: str, limit: int | Non
             noise = Noise(p["x_T"], p["z"])
             init = p["init"]
             if init is not None and tail != "repeat":
-                init = init.clone()
                 # chain: the previous chunk's last action; oracle_chain: this solve's own (sequential) tail, a
                 # bound on what any better tail prediction could give
                 clean = init[-1, :, -1:, :].expand(-1, shift, -1) if tail == "chain" else p["sample"][:, keep:, :]
-                init[:, :, keep:, :] = tail_chain(
-                    schedule, clean, noise.x_T[:, keep:, :], step_noise(schedule, noise)[:, :, keep:, :]
-                )
+                init = chain_filled(schedule, init, noise, clean, keep)
             finals.clear()
             updates.clear()
             result = solver.solve(policy.denoiser, schedule, noise, p["cond"], init=init)
