@@ -33,20 +33,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from latency import hardware  # noqa: E402
 
-from policy_accel.checkpoint import load_policy  # noqa: E402
-from policy_accel.evaluation import run_episodes  # noqa: E402
-from policy_accel.policy import DiffusionPolicy  # noqa: E402
-from policy_accel.runner import PolicyRunner  # noqa: E402
-from policy_accel.solvers import make_solver  # noqa: E402
-from policy_accel.solvers.base import Budget  # noqa: E402
+from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
+from policy_accel.evaluation import outcome_from_dict, outcome_to_dict, run_episodes  # noqa: E402
+from policy_accel.experiment import (  # noqa: E402
+    Session,
+    build_session,
+    cfg_bool,
+    cfg_int,
+    differences,
+    prepare_out_dir,
+    write_json_atomic,
+)
 from policy_accel.tasks import env_factory  # noqa: E402
 
 log = logging.getLogger("rollout")
-
-
-def warm_start_value(cfg: DictConfig) -> bool | str:
-    """``warm_start`` as results.json records it: false, true (exact) or "renoise" (approximate)."""
-    return cfg.warm_start if isinstance(cfg.warm_start, str) else bool(cfg.warm_start)
+PROGRESS_FILE = "episodes.partial.json"  # finished episodes of an unfinished run: a re-run resumes from them
+# results.json written before these keys were recorded ran with these values, unless an override said otherwise
+LEGACY_DEFAULTS = {"tail_fill": "repeat", "budget": {"max_iterations": None, "time_ms": None}, "check_exactness": False}
+LEGACY_OVERRIDE_KEYS = ("budget.", "check_exactness", "policy.schedule", "task.max_episode_steps", "+policy.schedule")
 
 
 def job_overrides() -> tuple[list[str], str | None]:
@@ -59,60 +63,95 @@ def job_overrides() -> tuple[list[str], str | None]:
     return list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("experiment")
 
 
-def finished_run(cfg: DictConfig, seeds: list[int], checkpoint: str) -> dict | None:
-    """``skip_existing``: the results.json already in ``out_dir`` when it is a finished run of this configuration,
-    None when there is none (or it was cut off mid-write). One that records another configuration is an error:
-    a re-launched sweep must map every job to the same directory (same overrides, same ``hydra.sweep.dir``)."""
-    path = Path(cfg.out_dir) / "results.json"
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(done, dict):
-        return None
-    this = {
+def run_identity(cfg: DictConfig, session: Session, env_batch: int) -> dict:
+    """Every setting that changes a result, as results.json records it: runs are the same only if all agree."""
+    budget = session.runner.budget
+    return {
         "task": cfg.task.name,
-        "solver": cfg.solver.name,
+        "max_episode_steps": cfg.task.max_episode_steps,
+        "solver": session.solver.name,
         "policy": cfg.policy.name,
+        "schedule": session.schedule.describe(),
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": warm_start_value(cfg),
-        "renoise_steps": cfg.renoise_steps,
-        "tail_fill": cfg.tail_fill,
-        "noise": cfg.solver.noise,
-        "checkpoint": str(checkpoint),
-        "env_batch": cfg.env_batch,
-        "threads": cfg.threads,
-        "seeds": seeds,
+        "warm_start": session.warm_start,
+        "renoise_steps": session.runner.renoise_steps,
+        "tail_fill": session.runner.tail_fill,
+        "noise": session.runner.noise,
+        "budget": {
+            "max_iterations": None if budget is None else budget.max_iterations,
+            "time_ms": None if budget is None or budget.time_s is None else cfg.budget.time_ms,
+        },
+        "check_exactness": session.runner.check_exactness,
+        "checkpoint": session.checkpoint,
+        "env_batch": env_batch,
+        "threads": session.threads,
+        "device": session.device,
+        "seeds": session.seeds,
     }
-    older = {"tail_fill": "repeat"}  # results written before the option existed used this
-    differ = {k: (done.get(k, older.get(k)), v) for k, v in this.items() if done.get(k, older.get(k)) != v}
-    if differ:
-        raise ValueError(f"skip_existing: {path} holds another run; (found, this run): {differ}")
-    return done
 
 
-def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) -> None:
-    """Refuse a policy whose observation/action sizes differ from the task's: it was trained for something else."""
-    got = (policy.config.obs_dim, policy.config.action_dim)
-    want = (task.obs_dim, task.action_dim)
-    if got != want:
-        raise ValueError(
-            f"checkpoint {checkpoint} expects obs_dim={got[0]}, action_dim={got[1]}, but task {task.name!r} has "
-            f"obs_dim={want[0]}, action_dim={want[1]}: the policy was trained for another task or observation layout"
-        )
+def recorded_differences(found: dict, this: dict) -> dict:
+    """How a recorded run (results.json or the progress file) differs from this one; {} when it is this run."""
+    legacy = {**LEGACY_DEFAULTS, "schedule": this["schedule"], "max_episode_steps": this["max_episode_steps"]}
+    differ = differences(found, this, legacy)
+    if "schedule" not in found:  # written before the identity was recorded: its overrides say what it changed
+        changed = [o for o in found.get("overrides") or [] if o.lstrip("+~").startswith(LEGACY_OVERRIDE_KEYS)]
+        if changed:
+            differ["overrides"] = (changed, "(compared field by field)")
+    return differ
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or cut off mid-write by an older version
+    return data if isinstance(data, dict) else None
+
+
+def check_existing(out_dir: Path, identity: dict, skip_existing: bool) -> tuple[dict | None, dict | None]:
+    """(finished results to reuse with ``skip_existing``, finished episodes of an interrupted run to resume).
+
+    A results.json or progress file that records another run is an error, raised before anything runs: a second
+    run with other seeds or solver options must never overwrite the first one's results.
+    """
+    done = _read_json(out_dir / "results.json")
+    if done is not None:
+        differ = recorded_differences(done, identity)
+        if differ:
+            raise ConfigError(
+                f"{out_dir / 'results.json'} holds another run, which this one would overwrite; (found, this run): "
+                f"{differ}. Pass another out_dir=..., or delete that results.json"
+            )
+        if skip_existing:
+            return done, None
+    partial = _read_json(out_dir / PROGRESS_FILE)
+    if partial is not None:
+        differ = recorded_differences(partial.get("run") or {}, identity)
+        if differ:
+            raise ConfigError(
+                f"{out_dir / PROGRESS_FILE} holds finished episodes of another run; (found, this run): {differ}. "
+                "Pass another out_dir=..., or delete that file"
+            )
+    return None, partial
 
 
 def rollout(cfg: DictConfig) -> dict:
-    torch.set_num_threads(cfg.threads)
+    env_batch = cfg_int(cfg, "env_batch", minimum=1)
+    save_video, skip_existing = cfg_bool(cfg, "save_video"), cfg_bool(cfg, "skip_existing")
+    cfg_int(cfg, "task.max_episode_steps", minimum=1)
     make_env = partial(
-        env_factory(cfg.task.name), max_episode_steps=cfg.task.max_episode_steps, render_offscreen=cfg.save_video
+        env_factory(cfg.task.name), max_episode_steps=cfg.task.max_episode_steps, render_offscreen=save_video
     )
-    solver = make_solver(cfg.solver.name, **OmegaConf.to_container(cfg.solver.options))
-    checkpoint = cfg.policy.get("path") or cfg.checkpoint
-    policy = load_policy(checkpoint, device=cfg.device, trust_pickle=bool(cfg.policy.get("trust_pickle", False)))
-    check_task_dims(policy, cfg.task, checkpoint)
+    session = build_session(cfg)
+    policy, schedule, runner, seeds, checkpoint = (
+        session.policy,
+        session.schedule,
+        session.runner,
+        session.seeds,
+        session.checkpoint,
+    )
     native = policy.config.schedule
-    schedule = policy.schedule(**cfg.policy.schedule)
     if (schedule.config.kind, schedule.config.num_inference_steps) != (native.kind, native.num_inference_steps):
         log.info(
             "sampler %s (%s, %d steps) replaces the checkpoint's own (%s, %d steps); policy=native keeps it",
@@ -122,72 +161,64 @@ def rollout(cfg: DictConfig) -> dict:
             native.kind,
             native.num_inference_steps,
         )
-    time_s = None if cfg.budget.time_ms is None else cfg.budget.time_ms / 1e3
-    budget = Budget(cfg.budget.max_iterations, time_s)
-    runner = PolicyRunner(
-        policy,
-        solver,
-        schedule,
-        warm_start_value(cfg),
-        cfg.solver.noise,
-        budget,
-        check_exactness=cfg.check_exactness,
-        renoise_steps=cfg.renoise_steps,
-        tail_fill=cfg.tail_fill,
-    )
     if runner.renoise:
         log.warning(
             "APPROXIMATE warm start (renoise, last %d of %d steps): chunks are not the sampler's output for any "
             "noise; results.json records approximate=true",
-            cfg.renoise_steps,
+            runner.renoise_steps,
             schedule.num_steps,
         )
-    seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
-    if not seeds:
-        raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
-    if cfg.skip_existing and (done := finished_run(cfg, seeds, checkpoint)) is not None:
+    out_dir = prepare_out_dir(cfg.out_dir)  # before the first episode: a run must not fail only at its end
+    identity = run_identity(cfg, session, env_batch)
+    done, partial_run = check_existing(out_dir, identity, skip_existing)
+    if done is not None:
         log.info("%s already holds this run's results.json: skipped (skip_existing=true)", cfg.out_dir)
         return done
+    finished = outcome_from_dict(partial_run) if partial_run is not None else None
+    if finished is not None:
+        log.info("resuming: %d of %d episodes finished already (%s)", len(finished.episodes), len(seeds), PROGRESS_FILE)
     log.info(
         "task %s, checkpoint %s, %s with %s (%s), warm_start=%s, noise=%s, %d episodes, env_batch %d",
         cfg.task.name,
         checkpoint,
         cfg.policy.name,
-        solver.name,
+        session.solver.name,
         dict(cfg.solver.options),
-        warm_start_value(cfg),
-        cfg.solver.noise,
+        session.warm_start,
+        runner.noise,
         len(seeds),
-        cfg.env_batch,
+        env_batch,
     )
     overrides, experiment = job_overrides()
-    outcome = run_episodes(make_env, runner, seeds, cfg.env_batch, record_video=cfg.save_video)
+
+    def keep(outcome) -> None:
+        write_json_atomic(out_dir / PROGRESS_FILE, {"run": identity, **outcome_to_dict(outcome)})
+
+    try:
+        outcome = run_episodes(
+            make_env, runner, seeds, env_batch, record_video=save_video, finished=finished, on_group=keep
+        )
+    except KeyboardInterrupt:
+        kept = _read_json(out_dir / PROGRESS_FILE)
+        n = len(kept["episodes"]) if kept else 0
+        sys.stderr.write(
+            f"interrupted: {n} of {len(seeds)} finished episodes kept in {out_dir / PROGRESS_FILE}; run the same "
+            "command again to resume\n"
+        )
+        raise SystemExit(130) from None
     summary = outcome.summary()
     results = {
-        "task": cfg.task.name,
-        "solver": solver.name,
-        "policy": cfg.policy.name,
-        "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": warm_start_value(cfg),
-        "renoise_steps": cfg.renoise_steps,
-        "tail_fill": cfg.tail_fill,
+        **identity,
         # an inference stopped by its budget returned an estimate, not the sampler's output
         "approximate": runner.approximate or summary["unconverged_inferences"] > 0,
-        "noise": cfg.solver.noise,
-        "checkpoint": str(checkpoint),
-        "env_batch": cfg.env_batch,
-        "threads": cfg.threads,
-        "device": str(cfg.device),
-        "hardware": hardware(torch.device(cfg.device), cfg.threads),
+        "hardware": hardware(torch.device(session.device), session.threads),
         "overrides": overrides,
         "experiment": experiment,
         **summary,
     }
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json.tmp").write_text(json.dumps(results, indent=2))
-    (out_dir / "results.json.tmp").replace(out_dir / "results.json")  # atomic: a killed run leaves no partial file
-    if cfg.save_video and outcome.frames:
+    write_json_atomic(out_dir / "results.json", results)  # atomic: a killed run leaves no partial file
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    if save_video and outcome.frames:
         from PIL import Image
 
         images = [Image.fromarray(f) for f in outcome.frames]
@@ -213,6 +244,7 @@ def rollout(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="rollout")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     rollout(cfg)
 

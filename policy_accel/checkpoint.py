@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from policy_accel.errors import CheckpointError, ConfigError
 from policy_accel.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.unet import ConditionalUnet1D
@@ -30,10 +31,6 @@ SUPPORTED_FORMATS = (
     "a Diffusion Policy workspace .ckpt file, or a LeRobot diffusion policy directory "
     '(config.json with type="diffusion" + model.safetensors)'
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, unsupported or does not match its config."""
 
 
 @dataclass
@@ -77,15 +74,29 @@ def load_policy(path: str | Path, device: torch.device | str = "cpu", trust_pick
     """Load a policy in any supported format; every failure is a :class:`CheckpointError` naming the file.
 
     ``trust_pickle=True`` is needed for Diffusion Policy's ``.ckpt`` files only: they are pickles, and
-    unpickling a file can run code from it, so they are refused unless the caller vouches for the file.
+    unpickling a file can run code from it, so they are refused unless the caller vouches for the file with the
+    boolean ``True`` (a string such as ``"no"`` is an error, never a yes).
     """
     return read_checkpoint(path, trust_pickle=trust_pickle).policy.to(device)
+
+
+def check_trust_pickle(trust_pickle: object, name: str = "trust_pickle") -> bool:
+    """``trust_pickle`` as a real boolean: whether a pickle may be opened must not depend on how "no" is spelled."""
+    if not isinstance(trust_pickle, bool):
+        raise ConfigError(
+            f"{name}={trust_pickle!r} is not a boolean: pass true to allow unpickling a file you trust, false to "
+            "refuse it"
+        )
+    return trust_pickle
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheckpoint:
     """Detect the format of ``path`` and load it on the CPU, keeping what is known about its origin."""
     from policy_accel import formats  # formats builds on this module's helpers
 
+    check_trust_pickle(trust_pickle)
+    if not isinstance(path, str | Path) or not str(path):
+        raise ConfigError(f"checkpoint path {path!r} is not a file or directory name")
     path = Path(path)
     if not path.exists():
         kind = "file" if path.suffix in formats.PICKLE_SUFFIXES else "directory"
@@ -127,6 +138,14 @@ def _load_own(path: Path, raw: dict) -> DiffusionPolicy:
             f"{config_path} is not a {FORMAT_NAME} config (format={raw.get('format')!r}); "
             f"supported checkpoints: {SUPPORTED_FORMATS}"
         )
+    version = raw.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path}: format version {version!r} is not one this toolkit reads (only {FORMAT_VERSION}); "
+            "a newer toolkit wrote it, or the file was edited"
+        )
+    if not isinstance(raw["policy"], dict):
+        raise CheckpointError(f"{config_path}: 'policy' is a {type(raw['policy']).__name__}, expected an object")
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint file {weights_path} is missing")
     try:
@@ -181,6 +200,7 @@ def assemble_policy(
         raise CheckpointError(f"{weights_desc} has shapes that do not match {config_desc}: {bad[:3]}")
     model.load_state_dict({k: v.float() for k, v in unet_state.items()}, strict=True)
     try:
+        # also refuses non-finite weights and normalizers: they load into a policy that returns garbage "converged"
         return DiffusionPolicy(config, model, obs_normalizer, action_normalizer)
     except ValueError as err:
         raise CheckpointError(f"{weights_desc}: {err}") from None
@@ -203,6 +223,7 @@ __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
     "assemble_policy",
+    "check_trust_pickle",
     "checkpoint_info",
     "load_policy",
     "read_checkpoint",

@@ -76,6 +76,17 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def outcome_to_dict(outcome: RolloutOutcome) -> dict:
+    """Finished episodes and their inference records as JSON (frames are not kept): what a resumed run reuses."""
+    return {"episodes": [asdict(e) for e in outcome.episodes], "records": [asdict(r) for r in outcome.records]}
+
+
+def outcome_from_dict(data: dict) -> RolloutOutcome:
+    return RolloutOutcome(
+        [EpisodeResult(**e) for e in data["episodes"]], [InferenceRecord(**r) for r in data["records"]]
+    )
+
+
 def run_episodes(
     make_env: Callable[[], object],
     runner: PolicyRunner,
@@ -83,16 +94,28 @@ def run_episodes(
     env_batch: int = 1,
     record_video: bool = False,
     progress: bool = True,
+    finished: RolloutOutcome | None = None,
+    on_group: Callable[[RolloutOutcome], None] | None = None,
 ) -> RolloutOutcome:
-    """Run one episode per seed; ``runner`` is reset (and its noise reseeded with the group's first seed)."""
+    """Run one episode per seed; ``runner`` is reset (and its noise reseeded with the group's first seed).
+
+    Why groups are the unit of resumption: each group starts from a reset runner reseeded with its first seed, so
+    a group run later gives what it would have given in one go. ``finished`` holds groups of an interrupted run
+    of the same seeds (whole groups, a prefix of ``seeds``), which are not run again; ``on_group`` is called with
+    everything finished so far after every group, so a caller can keep it on disk.
+    """
     if env_batch < 1:
         raise ValueError(f"env_batch={env_batch} must be >= 1")
     cfg = runner.policy.config
-    episodes: list[EpisodeResult] = []
-    records: list[InferenceRecord] = []
+    episodes: list[EpisodeResult] = list(finished.episodes) if finished else []
+    records: list[InferenceRecord] = list(finished.records) if finished else []
+    done_seeds = [e.seed for e in episodes]
+    if done_seeds != list(seeds[: len(done_seeds)]) or len(done_seeds) % env_batch and len(done_seeds) < len(seeds):
+        raise ValueError(f"finished episodes {done_seeds} are not whole groups of env_batch={env_batch} from {seeds}")
     frames: list[np.ndarray] = []
     bar = tqdm(total=len(seeds), desc=f"rollout {runner.solver.name}", disable=not progress, dynamic_ncols=True)
-    for g in range(0, len(seeds), env_batch):
+    bar.update(len(done_seeds))
+    for g in range(len(done_seeds), len(seeds), env_batch):
         group = list(seeds[g : g + env_batch])
         envs = [make_env() for _ in group]
         history = []
@@ -133,6 +156,8 @@ def run_episodes(
             log.info("seed %d: max reward %.3f, success %s, %d steps", seed, max_reward[i], success[i], steps[i])
         for env in envs:
             env.close()
+        if on_group is not None:
+            on_group(RolloutOutcome(episodes, records))
         bar.update(n)
         bar.set_postfix(score=f"{np.mean([e.max_reward for e in episodes]):.3f}")
     bar.close()

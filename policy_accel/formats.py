@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from policy_accel.checkpoint import CheckpointError, assemble_policy, read_safetensors
+from policy_accel.checkpoint import CheckpointError, assemble_policy, check_trust_pickle, read_safetensors
+from policy_accel.errors import PickleRefusedError
 from policy_accel.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig
@@ -78,9 +79,11 @@ def pickle_refusal(path: Path) -> str:
 def load_diffusion_policy_ckpt(path: Path, trust_pickle: bool = False) -> tuple[DiffusionPolicy, dict]:
     """Load a Diffusion Policy workspace ``.ckpt`` (EMA weights preferred); refused unless ``trust_pickle``."""
     path = Path(path)
-    _check_torch_file(path)  # cheap structural check, no unpickling: a truncated file fails here
-    if not trust_pickle:
-        raise CheckpointError(pickle_refusal(path))
+    # only the boolean True opens a pickle: bool("no") is True, so anything else is refused before the file is read
+    if check_trust_pickle(trust_pickle) is not True:
+        _check_torch_file(path)  # cheap structural check, no unpickling: a truncated file fails here
+        raise PickleRefusedError(pickle_refusal(path))
+    _check_torch_file(path)
     pickle_module = _pickle_module()
     payload = _unpickle(path, pickle_module)
     if not isinstance(payload, dict) or "cfg" not in payload or "state_dicts" not in payload:

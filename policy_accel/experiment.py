@@ -1,0 +1,328 @@
+"""One function builds a policy session from a run config, so every entry point honours every option alike.
+
+``eval/rollout.py`` and ``eval/realtime.py`` (and the soak) read the same config groups (``task``, ``solver``,
+``policy``) and the same run options (``policy.path``, ``policy.trust_pickle``, ``warm_start``, ``tail_fill``,
+``renoise_steps``, ``budget``, ``check_exactness``, ...). Building the policy, schedule, solver and runner in one
+place is what keeps the real-time loop from running another policy than the rollout would. Every value is
+checked here, once, with an error that names the user's key, the value and what is allowed.
+
+Run identity (:func:`run_identity`) and the output directory rules (:func:`prepare_out_dir`) live here too: a
+results.json is never overwritten by a different run, and the directory is checked before the first episode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from policy_accel.checkpoint import load_policy
+from policy_accel.errors import ConfigError
+from policy_accel.policy import DiffusionPolicy
+from policy_accel.runner import NOISE_POLICIES, TAIL_FILLS, PolicyRunner
+from policy_accel.schedule import Schedule
+from policy_accel.solvers import SOLVERS, make_solver
+from policy_accel.solvers.base import Budget, Solver
+
+_ABSENT = object()
+# Keys that never change a result (where it goes, whether it is skipped, a GIF): left out of the run identity.
+RUN_CONTROL_KEYS = ("hydra", "out_dir", "skip_existing", "save_video", "offline_results", "soak")
+
+
+# ------------------------------------------------------------------------------------------------
+# typed reads of config values: one line naming the key, the value and what is allowed
+# ------------------------------------------------------------------------------------------------
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return None if value is _ABSENT else value
+
+
+def _bad(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def cfg_int(cfg: DictConfig, key: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    """An integer (not a bool, not a string) >= ``minimum``; ``optional`` allows null."""
+    value = _get(cfg, key)
+    allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if optional else "")
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise _bad(key, value, allowed)
+    return value
+
+
+def cfg_float(
+    cfg: DictConfig,
+    key: str,
+    minimum: float | None = None,
+    strict: bool = False,
+    maximum: float | None = None,
+    optional: bool = False,
+) -> float | None:
+    """A finite number in [minimum, maximum] (``strict``: > minimum); ``optional`` allows null."""
+    value = _get(cfg, key)
+    if value is None and optional:
+        return None
+    parts = ["a finite number"]
+    if minimum is not None:
+        parts.append(f"{'>' if strict else '>='} {minimum:g}")
+    if maximum is not None:
+        parts.append(f"<= {maximum:g}")
+    allowed = " ".join(parts) + (" or null" if optional else "")
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        raise _bad(key, value, allowed)
+    return float(value)
+
+
+def cfg_bool(cfg: DictConfig, key: str) -> bool:
+    """A real boolean: ``"no"``, ``"false"``, 0 or 1 are refused, never guessed."""
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise _bad(key, value, "true or false")
+    return value
+
+
+def cfg_choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> str:
+    value = _get(cfg, key)
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(key, value, "one of " + ", ".join(choices))
+    return value
+
+
+def cfg_str(cfg: DictConfig, key: str, optional: bool = False) -> str | None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _bad(key, value, "a non-empty string" + (" or null" if optional else ""))
+    return value
+
+
+def cfg_warm_start(cfg: DictConfig) -> bool | str:
+    """``warm_start``: false, true (exact) or "renoise" (approximate); results.json records exactly this."""
+    value = _get(cfg, "warm_start")
+    if value is True or value is False or value == "renoise":
+        return value
+    raise _bad("warm_start", value, "false, true (exact) or renoise (approximate)")
+
+
+def cfg_seeds(cfg: DictConfig) -> list[int]:
+    """``seeds`` (a non-empty list of integers) or ``n_episodes`` seeds from ``start_seed``."""
+    seeds = _get(cfg, "seeds")
+    if seeds is not None:
+        ints = isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        if not ints or not seeds:
+            raise _bad("seeds", seeds, "a non-empty list of integers, e.g. seeds=[100000,100003], or null")
+        if len(set(seeds)) != len(seeds):
+            raise _bad("seeds", seeds, "distinct seeds (each episode once)")
+        return list(seeds)
+    start = cfg_int(cfg, "start_seed", minimum=0)
+    return list(range(start, start + cfg_int(cfg, "n_episodes", minimum=1)))
+
+
+def cfg_device(cfg: DictConfig) -> str:
+    value = cfg_str(cfg, "device")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise _bad("device", value, "a torch device such as cpu, cuda or cuda:0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _bad("device", value, "cpu (no CUDA device is available here)")
+    return value
+
+
+def cfg_budget(cfg: DictConfig) -> Budget | None:
+    """``budget.max_iterations`` (rounds) and ``budget.time_ms`` (wall clock per inference); None when neither."""
+    rounds = cfg_int(cfg, "budget.max_iterations", minimum=1, optional=True)
+    time_ms = None
+    if "time_ms" in cfg.budget:
+        time_ms = cfg_float(cfg, "budget.time_ms", minimum=0, strict=True, optional=True)
+    if rounds is None and time_ms is None:
+        return None
+    return Budget(rounds, None if time_ms is None else time_ms / 1e3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the session
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """Everything a run needs, built from one config the same way for every entry point."""
+
+    policy: DiffusionPolicy
+    schedule: Schedule
+    solver: Solver
+    runner: PolicyRunner
+    checkpoint: str  # what was loaded: policy.path, else the task's checkpoint
+    seeds: list[int]
+    warm_start: bool | str
+    device: str
+    threads: int
+
+
+def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) -> None:
+    """Refuse a policy whose observation/action sizes differ from the task's: it was trained for something else."""
+    got = (policy.config.obs_dim, policy.config.action_dim)
+    want = (task.obs_dim, task.action_dim)
+    if got != want:
+        raise ConfigError(
+            f"checkpoint {checkpoint} expects obs_dim={got[0]}, action_dim={got[1]}, but task {task.name!r} has "
+            f"obs_dim={want[0]}, action_dim={want[1]}: the policy was trained for another task or observation layout"
+        )
+
+
+def build_session(cfg: DictConfig, *, check_task: bool = True) -> Session:
+    """Check every run option of ``cfg`` and build the policy, sampler, solver and runner it describes.
+
+    Raises :class:`~policy_accel.errors.ConfigError` (a bad value: names the key) or
+    :class:`~policy_accel.errors.CheckpointError` (a bad checkpoint: names the file) before anything runs.
+    """
+    threads = cfg_int(cfg, "threads", minimum=1)
+    device = cfg_device(cfg)
+    seeds = cfg_seeds(cfg)
+    warm_start = cfg_warm_start(cfg)
+    tail_fill = cfg_choice(cfg, "tail_fill", TAIL_FILLS) if "tail_fill" in cfg else "repeat"
+    renoise_steps = cfg_int(cfg, "renoise_steps", minimum=1, optional=True) if "renoise_steps" in cfg else None
+    check_exactness = cfg_bool(cfg, "check_exactness") if "check_exactness" in cfg else False
+    noise = cfg_choice(cfg, "solver.noise", NOISE_POLICIES)
+    solver_name = cfg_choice(cfg, "solver.name", sorted(SOLVERS))
+    trust_pickle = cfg_bool(cfg, "policy.trust_pickle") if "trust_pickle" in cfg.policy else False
+    path = cfg_str(cfg, "policy.path", optional=True) if "path" in cfg.policy else None
+    checkpoint = path or cfg_str(cfg, "checkpoint")
+    budget = cfg_budget(cfg)
+    options = _get(cfg, "solver.options") or {}
+    if not isinstance(options, dict):
+        raise _bad("solver.options", options, "a mapping of solver options")
+    try:
+        solver = make_solver(solver_name, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"solver.options={options!r} is not allowed for solver {solver_name!r}: {err}") from None
+
+    torch.set_num_threads(threads)
+    policy = load_policy(checkpoint, device=device, trust_pickle=trust_pickle)
+    if check_task:
+        check_task_dims(policy, cfg.task, checkpoint)
+    overrides = _get(cfg, "policy.schedule") or {}
+    if not isinstance(overrides, dict):
+        raise _bad("policy.schedule", overrides, "a mapping such as {kind: ddim, num_inference_steps: 10}")
+    try:
+        schedule = policy.schedule(**overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"policy.schedule={overrides!r} is not a usable sampler for {checkpoint}: {err}") from None
+    try:
+        runner = PolicyRunner(
+            policy,
+            solver,
+            schedule,
+            warm_start,
+            noise,
+            budget,
+            check_exactness=check_exactness,
+            renoise_steps=renoise_steps,
+            tail_fill=tail_fill,
+        )
+    except ValueError as err:  # e.g. renoise_steps past the schedule's length, or without warm_start=renoise
+        raise ConfigError(str(err)) from None
+    return Session(policy, schedule, solver, runner, str(checkpoint), seeds, warm_start, device, threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# run identity and output directories
+# ------------------------------------------------------------------------------------------------
+
+
+def identity_config(cfg: DictConfig) -> dict:
+    """Every resolved setting except where the output goes (``RUN_CONTROL_KEYS``): what makes two runs the same."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    keep = [k for k in container if k not in RUN_CONTROL_KEYS]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keep), resolve=True)
+
+
+def run_id(cfg: DictConfig) -> str:
+    """A short hash of :func:`identity_config`: default run directories differ whenever a setting does."""
+    blob = json.dumps(identity_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def _run_id_resolver(*, _root_: DictConfig) -> str:
+    return run_id(_root_)
+
+
+OmegaConf.register_new_resolver("run_id", _run_id_resolver, replace=True)  # ${run_id:} in hydra.run.dir
+
+
+def differences(found: dict, this: dict, legacy_defaults: dict | None = None) -> dict:
+    """``{key: (found, this)}`` for the identity keys where a recorded run differs from this one."""
+    legacy_defaults = legacy_defaults or {}
+    out = {}
+    for key, value in this.items():
+        recorded = found.get(key, legacy_defaults.get(key, _ABSENT))
+        if recorded != value:
+            out[key] = ("(not recorded)" if recorded is _ABSENT else recorded, value)
+    return out
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` and check that it can be written now, before the first episode runs."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be written: {err.strerror or err}") from None
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a killed process leaves the old file or the new one, never half of one."""
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+__all__ = [
+    "RUN_CONTROL_KEYS",
+    "Session",
+    "build_session",
+    "cfg_bool",
+    "cfg_choice",
+    "cfg_float",
+    "cfg_int",
+    "cfg_seeds",
+    "cfg_str",
+    "cfg_warm_start",
+    "check_task_dims",
+    "differences",
+    "identity_config",
+    "prepare_out_dir",
+    "run_id",
+    "write_json_atomic",
+    "write_text_atomic",
+]
