@@ -8,6 +8,11 @@ coefficient tables, so that a solver can apply step ``j`` to a whole window of s
 
 The arithmetic follows diffusers' ``DDPMScheduler.step`` / ``DDIMScheduler.step`` (eta = 0)
 operation by operation, so a chain built from it matches a plain diffusers loop to float round-off.
+
+The multistep samplers ``dpmpp2m`` (DPM-Solver++ 2M) and ``unipc`` (UniPC-bh2) are not one-step chains: each step
+also uses earlier steps' clean predictions. Their schedules hold the levels (timesteps, alphas) and per-step
+coefficient tables (``Schedule.multistep``, see :mod:`policy_accel.multistep`); ``step`` refuses them, so only the
+sequential solver (which runs :func:`policy_accel.multistep.solve_multistep`) samples them.
 """
 
 from __future__ import annotations
@@ -15,14 +20,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-SCHEDULE_KINDS = ("ddpm", "ddim")
+from policy_accel.multistep import MULTISTEP_KINDS, build_tables, dynamic_threshold
+
+SCHEDULE_KINDS = ("ddpm", "ddim", *MULTISTEP_KINDS)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# diffusers' defaults: DP's DDPM/DDIM use "leading"; DPMSolverMultistep/UniPCMultistep default to "linspace".
+DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp2m": "linspace", "unipc": "linspace"}
 
 
 @dataclass
 class ScheduleConfig:
-    """Diffusion Policy's scheduler settings; ``kind`` and ``num_inference_steps`` pick the sampler."""
+    """Diffusion Policy's scheduler settings; ``kind`` and ``num_inference_steps`` pick the sampler.
+
+    ``clip_sample`` clamps the predicted clean sample to [-1, 1] (DP trains with it; for the multistep kinds it is
+    diffusers' dynamic thresholding at ``sample_max_value=1.0``, which reduces to that clamp). ``thresholding`` replaces
+    the clamp by diffusers' dynamic thresholding (Imagen): per sample, s = clamp(quantile(|x0|, ratio), 1,
+    sample_max_value), x0 <- clamp(x0, -s, s) / s. ``timestep_spacing`` None is the kind's diffusers default.
+    """
 
     kind: str = "ddpm"
     num_inference_steps: int = 100
@@ -32,6 +48,10 @@ class ScheduleConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True
     prediction_type: str = "epsilon"
+    timestep_spacing: str | None = None
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -42,21 +62,52 @@ class ScheduleConfig:
             )
         if self.prediction_type != "epsilon":
             raise ValueError(f"prediction_type={self.prediction_type!r} is not supported (only 'epsilon')")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"unknown timestep_spacing {self.timestep_spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)} or null"
+            )
+        if self.kind == "ddpm" and self.spacing != "leading":
+            raise ValueError(f"timestep_spacing={self.timestep_spacing!r} is not supported for ddpm (only 'leading')")
+        if self.thresholding and not (0 < self.dynamic_thresholding_ratio <= 1 and self.sample_max_value >= 1):
+            raise ValueError(
+                f"thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1, got "
+                f"{self.dynamic_thresholding_ratio}, {self.sample_max_value}"
+            )
 
-    def make_scheduler(self) -> DDPMScheduler | DDIMScheduler:
+    @property
+    def spacing(self) -> str:
+        """The timestep spacing in effect (``timestep_spacing``, or the kind's diffusers default)."""
+        return self.timestep_spacing or DEFAULT_SPACING[self.kind]
+
+    def make_scheduler(self) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler | UniPCMultistepScheduler:
         """The diffusers scheduler this schedule reproduces, with timesteps set."""
         common = dict(
             num_train_timesteps=self.num_train_timesteps,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
             beta_schedule=self.beta_schedule,
-            clip_sample=self.clip_sample,
             prediction_type=self.prediction_type,
+            timestep_spacing=self.spacing,
+            dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
         )
-        if self.kind == "ddpm":
-            scheduler = DDPMScheduler(variance_type="fixed_small", **common)
+        if self.kind in MULTISTEP_KINDS:
+            # No clip_sample in these schedulers: clamping x0 to [-1, 1] is their thresholding at max value 1.0.
+            threshold = dict(
+                thresholding=self.thresholding or self.clip_sample,
+                sample_max_value=self.sample_max_value if self.thresholding else 1.0,
+            )
+            cls = DPMSolverMultistepScheduler if self.kind == "dpmpp2m" else UniPCMultistepScheduler
+            extra = dict(algorithm_type="dpmsolver++", solver_type="midpoint") if self.kind == "dpmpp2m" else {}
+            scheduler = cls(solver_order=2, lower_order_final=True, final_sigmas_type="zero", **common, **threshold,
+                            **extra)  # fmt: skip
         else:
-            scheduler = DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **common)
+            common.update(
+                clip_sample=self.clip_sample, thresholding=self.thresholding, sample_max_value=self.sample_max_value
+            )
+            if self.kind == "ddpm":
+                scheduler = DDPMScheduler(variance_type="fixed_small", **common)
+            else:
+                scheduler = DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **common)
         scheduler.set_timesteps(self.num_inference_steps)
         return scheduler
 
@@ -79,6 +130,11 @@ class Schedule:
             raise ValueError(f"first_step={first_step} must be in [0, {n - 1}] for a {n}-step {config.kind} schedule")
         self.first_step = first_step
         self.device = torch.device(device)
+        self.is_multistep = config.kind in MULTISTEP_KINDS
+        self.multistep = None
+        if self.is_multistep:
+            self._init_multistep(scheduler, timesteps, first_step)
+            return
         rows = []
         for j, t in enumerate(timesteps.tolist()):
             if config.kind == "ddpm":
@@ -115,6 +171,20 @@ class Schedule:
         self.linear_coef = table[:, 6].to(device)
         self.is_ode = config.kind == "ddim"
 
+    def _init_multistep(self, scheduler, timesteps: torch.Tensor, first_step: int) -> None:
+        """Levels and coefficient tables of a multistep sampler, from diffusers' own sigmas for these timesteps."""
+        sigmas = scheduler.sigmas.double()  # (n + 1,): sqrt((1 - abar) / abar) at each timestep, then 0
+        alpha = 1 / (sigmas**2 + 1) ** 0.5
+        self.timesteps = timesteps[first_step:].to(self.device)
+        self.sqrt_alpha_prod = alpha[first_step:-1].float().to(self.device)
+        self.sqrt_beta_prod = (sigmas * alpha)[first_step:-1].float().to(self.device)
+        self.noise_scale = torch.zeros(len(self.timesteps), device=self.device)
+        # Not one-step chains: the one-step coefficients parallel solvers use do not exist (NaN, and `step` refuses).
+        nan = torch.full((len(self.timesteps),), float("nan"), device=self.device)
+        self.coef_x0 = self.coef_y = self.variance = self.linear_coef = nan
+        self.is_ode = True
+        self.multistep = build_tables(self.config.kind, sigmas.numpy(), first_step)
+
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
@@ -146,12 +216,19 @@ class Schedule:
         s0 = self.sqrt_alpha_prod[index].view(-1, *([1] * (y.ndim - 1)))
         s1 = self.sqrt_beta_prod[index].view(-1, *([1] * (y.ndim - 1)))
         x0 = (y - s1 * eps) / s0
-        if self.config.clip_sample:
+        if self.config.thresholding:
+            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        elif self.config.clip_sample:
             x0 = x0.clamp(-1.0, 1.0)
         return x0
 
     def step(self, y: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Deterministic part of step ``index`` for every row: posterior mean (DDPM) or DDIM(eta=0)."""
+        if self.is_multistep:
+            raise ValueError(
+                f"{self.config.kind} is a multistep sampler (each step uses earlier steps' predictions), not a "
+                "one-step chain: only solver=sequential runs it"
+            )
         shape = (-1, *([1] * (y.ndim - 1)))
         x0 = self.predict_x0(y, eps, index)
         c_x0 = self.coef_x0[index].view(shape)

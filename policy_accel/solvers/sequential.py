@@ -17,6 +17,7 @@ from policy_accel.solvers.base import (
     cold_trajectory,
     step_noise,
 )
+from policy_accel.solvers.multistep import solve_multistep
 
 
 @dataclass
@@ -35,6 +36,8 @@ class SequentialSolver:
         budget: Budget | None = None,
         carry: dict | None = None,
     ) -> SolveResult:
+        if schedule.is_multistep:  # DPM-Solver++ / UniPC: not a one-step chain (policy_accel/multistep.py)
+            return solve_multistep(denoiser, schedule, noise, global_cond, budget)
         check_inputs(schedule, noise, global_cond, init)
         T, B = schedule.num_steps, noise.x_T.shape[0]
         clock = Clock(budget, T)
