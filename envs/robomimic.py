@@ -2,7 +2,7 @@
 
 Environments are built by robomimic's own ``EnvUtils.create_env_from_metadata`` from an ``env_meta``
 dict (the ``env_args`` that robomimic stores in every hdf5 dataset), so a dataset recorded here
-replays in robomimic and vice versa. Three install facts shape this module (see README):
+replays in robomimic and vice versa. Three install facts shape this module (see docs/design.md, "Dependencies and why"):
 
 - robomimic 0.3.0 imports ``mujoco_py`` at module level only to name an exception class; robosuite
   1.5 runs on ``mujoco`` instead, so a stub module stands in for it.
