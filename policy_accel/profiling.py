@@ -1,0 +1,93 @@
+"""Counting what a solve dispatches outside the network: operators (each one a kernel launch on a GPU, where
+they, not arithmetic, set a round's overhead) and host reads (each one a device synchronisation).
+
+    counter = OpCounter()
+    with counter:
+        solver.solve(counter.wrap(denoiser), schedule, noise, cond)
+    counter.ops, counter.host_reads, counter.network_calls
+
+Operators are counted with a ``TorchDispatchMode``: every ATen operator that reaches the dispatcher, views
+included, except those dispatched inside the wrapped denoiser. Host reads are the operators that hand a value to
+the host (``aten._local_scalar_dense`` and the ``item`` / ``is_nonzero`` that wrap it: ``item``, ``bool``, ``int``,
+``float``), those whose output shape depends
+on values (``nonzero``, boolean-mask indexing: a sync on a GPU), copies off an accelerator, plus reads that never
+pass through the dispatcher on a CPU (``tolist``, numpy views), which library code reports with
+:func:`note_host_read` at the call site.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from policy_accel.solvers.base import Denoiser
+
+aten = torch.ops.aten
+_SYNCING = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.is_nonzero.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+}
+_ACTIVE: list[OpCounter] = []
+
+
+def note_host_read(n: int = 1) -> None:
+    """Report ``n`` host reads the dispatcher cannot see (``tolist``, numpy) to the counter in use, if any."""
+    for counter in _ACTIVE:
+        counter.host_reads += n
+
+
+def _reads_to_host(func, args) -> bool:
+    if func in _SYNCING:
+        return True
+    if func is aten.index.Tensor:  # a boolean mask index becomes nonzero(): a data-dependent shape
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+    if func in (aten._to_copy.default, aten.copy_.default):
+        source = args[0] if func is aten._to_copy.default else args[1]
+        return isinstance(source, torch.Tensor) and source.device.type != "cpu" and not source.is_meta
+    return False
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts operators and host reads dispatched outside the network calls of a :meth:`wrap`-ped denoiser."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads = 0
+        self.network_calls = 0
+        self.by_name: Counter[str] = Counter()
+        self._inside_network = 0
+
+    def __enter__(self) -> OpCounter:
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._inside_network:
+            self.ops += 1
+            self.by_name[func.__name__] += 1
+            if _reads_to_host(func, args):
+                self.host_reads += 1
+        return func(*args, **(kwargs or {}))
+
+    def wrap(self, denoiser: Denoiser) -> Denoiser:
+        """The denoiser, with its own operators left out of the counts (one network call each)."""
+
+        def counted(sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
+            self.network_calls += 1
+            self._inside_network += 1
+            try:
+                return denoiser(sample, timestep, global_cond)
+            finally:
+                self._inside_network -= 1
+
+        return counted
