@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
+from policy_accel.errors import ObservationError
 from policy_accel.normalizer import LinearNormalizer
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult
@@ -27,10 +30,41 @@ class PolicyConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.unet, dict):
-            self.unet = UNetConfig(**self.unet)
-        if isinstance(self.schedule, dict):
-            self.schedule = ScheduleConfig(**self.schedule)
+        # Types first, then ranges: a config that loads must also run (n_action_steps=0 never ends an episode,
+        # "16" as horizon fails deep inside, "no" would read as a true clip_sample).
+        check_fields(self, PolicyConfig, "", skip=("unet", "schedule"))
+        for name, cls in (("unet", UNetConfig), ("schedule", ScheduleConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {f.name for f in fields(cls)})
+                if unknown:
+                    raise ValueError(f"{name} has unknown fields {unknown}")
+                check_fields(value, cls, f"{name}.")
+                setattr(self, name, cls(**value))
+            elif isinstance(value, cls):
+                check_fields(value, cls, f"{name}.")
+            else:
+                raise ValueError(f"{name} must be a mapping, got {value!r}")
+        for name in ("obs_dim", "action_dim", "horizon", "n_obs_steps", "n_action_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        unet = self.unet
+        for name in ("diffusion_step_embed_dim", "kernel_size", "n_groups"):
+            if getattr(unet, name) < 1:
+                raise ValueError(f"unet.{name}={getattr(unet, name)} must be >= 1")
+        if not unet.down_dims or any(d < 1 for d in unet.down_dims):
+            raise ValueError(f"unet.down_dims={unet.down_dims} must be a non-empty list of positive integers")
+        if unet.kernel_size % 2 == 0:
+            raise ValueError(f"unet.kernel_size={unet.kernel_size} must be odd (same-length convolutions)")
+        if any(d % unet.n_groups for d in unet.down_dims):
+            raise ValueError(f"unet.n_groups={unet.n_groups} must divide every down_dims entry {unet.down_dims}")
+        sched = self.schedule
+        if sched.num_train_timesteps < 1:
+            raise ValueError(f"schedule.num_train_timesteps={sched.num_train_timesteps} must be >= 1")
+        if not 0 < sched.beta_start < sched.beta_end < 1:
+            raise ValueError(
+                f"schedule.beta_start={sched.beta_start}, beta_end={sched.beta_end}: need 0 < beta_start < beta_end < 1"
+            )
         if self.unet.input_dim != self.action_dim:
             raise ValueError(f"unet.input_dim={self.unet.input_dim} != action_dim={self.action_dim}")
         if self.unet.global_cond_dim != self.obs_dim * self.n_obs_steps:
@@ -45,6 +79,48 @@ class PolicyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _type_ok(value: object, hint: object) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list | tuple) and all(_type_ok(v, item) for v in value)
+    return True
+
+
+def check_fields(obj: object, cls: type, prefix: str, skip: tuple[str, ...] = ()) -> None:
+    """Each field of dataclass ``cls`` in ``obj`` (an instance or a dict) has its declared type, exactly:
+    integers are not bools or strings, booleans are not strings ("no" is not false), floats are finite."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        if isinstance(obj, dict):
+            if f.name not in obj:
+                continue
+            value = obj[f.name]
+        else:
+            value = getattr(obj, f.name)
+        hint = hints[f.name]
+        if not _type_ok(value, hint):
+            wanted = getattr(hint, "__name__", str(hint))
+            raise ValueError(f"{prefix}{f.name}={value!r} is not of type {wanted}")
+
+
+def check_finite_tensors(named: dict[str, torch.Tensor], what: str = "") -> None:
+    """Every tensor finite: one NaN weight makes every action NaN, or a solver's starting noise pass as converged."""
+    for name, tensor in named.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{what + ' ' if what else ''}tensor {name} has {bad} non-finite value(s) (NaN or inf)")
 
 
 class DiffusionPolicy:
@@ -67,6 +143,7 @@ class DiffusionPolicy:
         self._forward = self.model  # what `denoiser` runs: the module, or its CUDA graphs
         self.obs_normalizer = obs_normalizer
         self.action_normalizer = action_normalizer
+        self.check_finite()
 
     @property
     def device(self) -> torch.device:
@@ -104,16 +181,35 @@ class DiffusionPolicy:
 
     def condition(self, obs_history: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, n_obs_steps, obs_dim) raw observations -> (B, n_obs_steps * obs_dim) normalized condition."""
-        obs = torch.as_tensor(np.asarray(obs_history) if not torch.is_tensor(obs_history) else obs_history)
+        try:
+            raw = np.asarray(obs_history, dtype=np.float64) if not torch.is_tensor(obs_history) else obs_history
+            obs = torch.as_tensor(raw)
+        except (TypeError, ValueError) as err:
+            raise ObservationError(f"observation history is not an array of numbers: {err}") from None
         expected = (self.config.n_obs_steps, self.config.obs_dim)
-        if obs.ndim != 3 or tuple(obs.shape[1:]) != expected:
-            raise ValueError(
-                f"observation history must have shape (B, {expected[0]}, {expected[1]}), got {tuple(obs.shape)}"
+        if obs.ndim != 3 or tuple(obs.shape[1:]) != expected or obs.shape[0] < 1:
+            raise ObservationError(
+                f"observation history must have shape (B, {expected[0]}, {expected[1]}) with B >= 1, "
+                f"got {tuple(obs.shape)}"
             )
-        if not torch.isfinite(obs).all():
-            raise ValueError("observation history contains NaN or inf")
+        if obs.is_complex() or obs.dtype == torch.bool:
+            raise ObservationError(f"observation history has dtype {obs.dtype}; real numbers are expected")
+        # Checked as the network sees it: 1e300 is finite in float64 and inf in float32.
         obs = obs.to(self.device, torch.float32)
-        return self.obs_normalizer.normalize(obs).reshape(obs.shape[0], -1)
+        _check_observation(obs, "observation (as float32)")
+        cond = self.obs_normalizer.normalize(obs)
+        _check_observation(cond, "normalized observation")
+        return cond.reshape(obs.shape[0], -1)
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming a non-finite weight, or a non-finite or zero normalizer scale: such a policy
+        returns NaN actions, or a solver's starting noise passes as converged (weights can change after loading)."""
+        check_finite_tensors(dict(self.model.state_dict()), "denoiser")
+        for name, norm in (("obs", self.obs_normalizer), ("action", self.action_normalizer)):
+            check_finite_tensors({f"normalizer.{name}.scale": norm.scale, f"normalizer.{name}.offset": norm.offset})
+            if (norm.scale == 0).any():  # unnormalize divides by it
+                zero = [int(i) for i in torch.nonzero(norm.scale == 0).flatten()]
+                raise ValueError(f"tensor normalizer.{name}.scale is zero at dims {zero} (the map is not invertible)")
 
     def draw_noise(self, schedule: Schedule, batch: int, generator: torch.Generator | None = None) -> Noise:
         return Noise.draw(schedule.num_steps, (batch, *self.chunk_shape), generator, device="cpu").to_device(
@@ -153,3 +249,13 @@ class DiffusionPolicy:
         noise = self.draw_noise(schedule, cond.shape[0], generator)
         result = self.sample(cond, solver, schedule, noise)
         return self.actions(result.sample), result
+
+
+def _check_observation(x: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        b, t, d = (int(i) for i in torch.nonzero(bad)[0])
+        raise ObservationError(
+            f"{what} is not finite (NaN or inf) at [batch {b}, step {t}, dim {d}] ({int(bad.sum())} value(s)): raw "
+            "values must be finite and within float32's range (|x| < 3.4e38)"
+        )

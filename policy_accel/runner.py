@@ -30,6 +30,10 @@ changes the sampling distribution: the result is not the sampler's output for an
 exactness for k network calls per control step (the idea of streaming / real-time-iteration diffusion
 policies). ``runner.approximate`` is True (also for warm-started paradigms, which is not reliably exact)
 and every report labels such runs. The first inference of an episode is a full cold solve.
+
+APPROXIMATE published warm starts (``policy_accel/warm_starts.py``, knobs in ``warm_options``): ``warm_start="rti"``
+(RTI-DP: the shifted previous clean chunk run through the schedule's last steps without re-noising) and
+``warm_start="falcon"`` (Falcon: restart from a buffered partially denoised chunk chosen by a one-step threshold rule).
 """
 
 from __future__ import annotations
@@ -41,15 +45,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from policy_accel.errors import CheckpointError, ObservationError
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, step_noise
 from policy_accel.solvers.sequential import SequentialSolver
+from policy_accel.warm_starts import FalconConfig, FalconState, RTIConfig, falcon_solve, rti_chain
 
 NOISE_POLICIES = ("fresh", "coupled")
 TAIL_FILLS = ("repeat", "chain")
-WARM_STARTS = (False, True, "renoise")  # off | exact (same answer, cheaper) | approximate (re-noise + last k steps)
+# off | exact (same answer, cheaper) | approximate: re-noise + last k steps, RTI-DP, Falcon (warm_starts.py)
+WARM_STARTS = (False, True, "renoise", "rti", "falcon")
 log = logging.getLogger(__name__)
+OBSERVATION_RANGE = 1e3  # normalized units; beyond this a non-finite network output is blamed on the observation
 
 
 @dataclass
@@ -118,13 +126,16 @@ class PolicyRunner:
         check_exactness: bool = False,
         renoise_steps: int | None = None,
         tail_fill: str = "repeat",
+        warm_options: dict | None = None,
     ):
         if noise not in NOISE_POLICIES:
             raise ValueError(f"unknown noise policy {noise!r}; valid: {', '.join(NOISE_POLICIES)}")
         if tail_fill not in TAIL_FILLS:
             raise ValueError(f"unknown tail_fill {tail_fill!r}; valid: {', '.join(TAIL_FILLS)}")
         if not any(warm_start is w or (isinstance(w, str) and warm_start == w) for w in WARM_STARTS):
-            raise ValueError(f"unknown warm_start {warm_start!r}; valid: false, true (exact), renoise (approximate)")
+            raise ValueError(
+                f"unknown warm_start {warm_start!r}; valid: false, true (exact), renoise, rti, falcon (approximate)"
+            )
         if warm_start == "renoise":
             if renoise_steps is None or not 1 <= renoise_steps <= schedule.num_steps:
                 raise ValueError(
@@ -133,6 +144,19 @@ class PolicyRunner:
                 )
         elif renoise_steps is not None:
             raise ValueError(f"renoise_steps={renoise_steps} is only used with warm_start='renoise'")
+        self.rti = self.falcon = None  # the published approximate warm starts' knobs (policy_accel/warm_starts.py)
+        try:
+            if warm_start == "rti":
+                self.rti = RTIConfig(**{**(warm_options or {}), "discrete_dims": tuple((warm_options or {}).get(
+                    "discrete_dims", ()))})  # fmt: skip
+                self.rti.validate(schedule, policy.config.action_dim)
+            elif warm_start == "falcon":
+                self.falcon = FalconConfig(**(warm_options or {}))
+                self.falcon.validate(schedule)
+            elif warm_options:
+                raise ValueError(f"warm_options {warm_options} are only used with warm_start='rti' or 'falcon'")
+        except TypeError as err:
+            raise ValueError(f"bad warm_options for warm_start={warm_start!r}: {err}") from None
         # Warm paradigms' stopping test compares successive iterates: not reliably exact (0.24 off on Can).
         unreliable_warm_start = warm_start is True and solver.name == "paradigms"
         if unreliable_warm_start:
@@ -153,15 +177,17 @@ class PolicyRunner:
         self.renoise = warm_start == "renoise"
         # True when the runner's chunks are not (reliably) the sampler's output for their noise: labelled in every
         # report and kept out of exact fronts.
-        self.approximate = self.renoise or unreliable_warm_start
+        self.approximate = self.renoise or unreliable_warm_start or warm_start in ("rti", "falcon")
         self._tail = schedule.tail(renoise_steps) if self.renoise else None
         self.budget = budget
         self.generator = torch.Generator().manual_seed(seed)
         self._previous: tuple[SolveResult, Noise] | None = None
+        self._falcon_state = FalconState()
 
     def reset(self, seed: int | None = None) -> None:
         """Forget the previous solve (a new episode); optionally reseed the sampler noise."""
         self._previous = None
+        self._falcon_state = FalconState()
         if seed is not None:
             self.generator.manual_seed(seed)
 
@@ -204,6 +230,25 @@ class PolicyRunner:
         start = tail.add_noise(x0, noise.x_T, 0)
         return tail, Noise(start, noise.z[noise.z.shape[0] - tail.num_steps :])
 
+    def _raise_non_finite(self, result: SolveResult, cond: torch.Tensor) -> None:
+        """Name the cause of non-finite actions: the policy's weights or normalizers (changed since loading), an
+        observation far outside the training range (finite, but the network overflows on it), and only when neither,
+        the network or solver diverging."""
+        try:
+            self.policy.check_finite()
+        except ValueError as err:
+            raise CheckpointError(f"the policy's weights are not finite, not the solver: {err}") from None
+        peak = float(cond.abs().max())
+        if peak > OBSERVATION_RANGE:
+            raise ObservationError(
+                f"the normalized observation reaches {peak:.3g} (the training data spans [-1, 1]) and the network "
+                "returned non-finite values on it: check the observation's units and layout"
+            )
+        raise RuntimeError(
+            f"solver {self.solver.name!r} returned non-finite actions ({result.stop_reason}) from a finite observation "
+            "and finite weights: the network or the solver diverged"
+        )
+
     @torch.inference_mode()
     def plan(
         self, obs_history: np.ndarray, budget: Budget | None = None
@@ -218,18 +263,30 @@ class PolicyRunner:
         renoise = self.renoise and self._previous is not None and self._previous[1].x_T.shape[0] == batch
         noise, init, carry = self._noise_and_init(batch)
         schedule, chain_noise = self.schedule, noise
+        shift = self.policy.config.n_action_steps
+        rti = self.rti is not None and self._previous is not None and self._previous[1].x_T.shape[0] == batch
         if renoise:
             schedule, chain_noise = self._renoised_chain(self._previous[0].sample, noise)
-        result = self.policy.sample(
-            cond, self.solver, schedule, chain_noise, init=init, budget=budget or self.budget, carry=carry
-        )
+        elif rti:
+            schedule, chain_noise = rti_chain(self.schedule, self._previous[0].sample, noise, shift, self.rti)
+        if self.falcon is not None:
+            result, self._falcon_state, falcon_info = falcon_solve(
+                self._falcon_state, self.policy.denoiser, self.solver, self.schedule, noise, cond, shift, self.falcon,
+                self.generator, budget or self.budget,
+            )  # fmt: skip
+            rti = any(s > 0 for s in falcon_info["start_steps"])  # warm when any row restarted from the buffer
+        else:
+            result = self.policy.sample(
+                cond, self.solver, schedule, chain_noise, init=init, budget=budget or self.budget, carry=carry
+            )
         actions = self.policy.actions(result.sample)
         latency = time.perf_counter() - start
         if not np.all(np.isfinite(actions)):
-            raise RuntimeError(f"solver {self.solver.name!r} returned non-finite actions ({result.stop_reason})")
+            self._raise_non_finite(result, cond)
         self._previous = (result, noise)
         deviation = None
-        if self.check_exactness:  # untimed: the sequential sampler on the same chain, noise and observation
+        # untimed: the sequential sampler on the same chain, noise and observation (not Falcon: its chains are per row)
+        if self.check_exactness and self.falcon is None:
             reference = self._reference.solve(self.policy.denoiser, schedule, chain_noise, cond)
             deviation = float((result.sample - reference.sample).abs().max())
         record = InferenceRecord(
@@ -238,7 +295,7 @@ class PolicyRunner:
             result.nfe,
             result.converged,
             result.stop_reason,
-            init is not None or renoise,
+            init is not None or renoise or rti,
             deviation,
             result.rounds_per_row(),
         )
