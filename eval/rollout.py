@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -49,7 +50,8 @@ from policy_accel.tasks import env_factory  # noqa: E402
 log = logging.getLogger("rollout")
 PROGRESS_FILE = "episodes.partial.json"  # finished episodes of an unfinished run: a re-run resumes from them
 # results.json written before these keys were recorded ran with these values, unless an override said otherwise
-LEGACY_DEFAULTS = {"tail_fill": "repeat", "budget": {"max_iterations": None, "time_ms": None}, "check_exactness": False}
+LEGACY_DEFAULTS = {"tail_fill": "repeat", "budget": {"max_iterations": None, "time_ms": None}, "check_exactness": False,
+                   "warm_options": None}  # fmt: skip
 LEGACY_OVERRIDE_KEYS = ("budget.", "check_exactness", "policy.schedule", "task.max_episode_steps", "+policy.schedule")
 
 
@@ -61,6 +63,12 @@ def job_overrides() -> tuple[list[str], str | None]:
     except ValueError:
         return [], None
     return list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("experiment")
+
+
+def warm_options(runner) -> dict | None:
+    """The knobs of an rti / falcon warm start as the runner validated them (None for other warm starts)."""
+    config = runner.rti or runner.falcon
+    return None if config is None else {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
 def run_identity(cfg: DictConfig, session: Session, env_batch: int) -> dict:
@@ -75,6 +83,7 @@ def run_identity(cfg: DictConfig, session: Session, env_batch: int) -> dict:
         "solver_options": OmegaConf.to_container(cfg.solver.options),
         "warm_start": session.warm_start,
         "renoise_steps": session.runner.renoise_steps,
+        "warm_options": warm_options(session.runner),
         "tail_fill": session.runner.tail_fill,
         "noise": session.runner.noise,
         "budget": {

@@ -118,11 +118,21 @@ def cfg_str(cfg: DictConfig, key: str, optional: bool = False) -> str | None:
 
 
 def cfg_warm_start(cfg: DictConfig) -> bool | str:
-    """``warm_start``: false, true (exact) or "renoise" (approximate); results.json records exactly this."""
+    """``warm_start``: false, true (exact) or "renoise" / "rti" / "falcon" (approximate); results.json records this."""
     value = _get(cfg, "warm_start")
-    if value is True or value is False or value == "renoise":
+    if value is True or value is False or value in ("renoise", "rti", "falcon"):
         return value
-    raise _bad("warm_start", value, "false, true (exact) or renoise (approximate)")
+    raise _bad("warm_start", value, "false, true (exact) or renoise, rti, falcon (approximate)")
+
+
+def cfg_warm_options(cfg: DictConfig, warm_start: bool | str) -> dict | None:
+    """The knobs of warm_start=rti or falcon (the ``rti`` / ``falcon`` mappings), None for the others."""
+    if warm_start not in ("rti", "falcon") or warm_start not in cfg:
+        return None
+    value = _get(cfg, warm_start)
+    if not isinstance(value, dict):
+        raise _bad(warm_start, value, f"a mapping of {warm_start} options (see policy_accel/warm_starts.py)")
+    return value
 
 
 def cfg_seeds(cfg: DictConfig) -> list[int]:
@@ -241,6 +251,7 @@ def build_session(cfg: DictConfig, *, check_task: bool = True) -> Session:
             check_exactness=check_exactness,
             renoise_steps=renoise_steps,
             tail_fill=tail_fill,
+            warm_options=cfg_warm_options(cfg, warm_start),
         )
     except ValueError as err:  # e.g. renoise_steps past the schedule's length, or without warm_start=renoise
         raise ConfigError(str(err)) from None
