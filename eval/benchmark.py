@@ -39,8 +39,11 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "configs" / "experiment"
 sys.path.insert(0, str(ROOT / "eval"))
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from report import load_results, write_report  # noqa: E402
+
+from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -98,7 +101,7 @@ def run_sweep(cfg: DictConfig) -> None:
     names = defined if cfg.only is None else list(cfg.only)
     unknown = [n for n in names if n not in defined]
     if unknown:
-        raise ValueError(f"unknown configurations {unknown}; defined in {EXPERIMENTS}: {', '.join(defined)}")
+        raise ConfigError(f"unknown configurations {unknown}; defined in {EXPERIMENTS}: {', '.join(defined)}")
     seeds = list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     latency_seeds = seeds[: cfg.latency_episodes]
     if cfg.score_env_batch == 1 and len(latency_seeds) == len(seeds):  # one batch-1 pass gives everything
@@ -137,6 +140,7 @@ def run_sweep(cfg: DictConfig) -> None:
         raise SystemExit(f"jobs failed in the {' and '.join(failed)} pass(es); the report holds the finished runs")
 
 
+@report_user_errors
 def main() -> None:
     """Hydra-style overrides on the command line (configs/benchmark.yaml)."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

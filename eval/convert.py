@@ -26,6 +26,7 @@ from policy_accel.checkpoint import (  # noqa: E402
     read_checkpoint,
     save_policy,
 )
+from policy_accel.errors import EXIT_USER_ERROR, UserError  # noqa: E402
 from policy_accel.policy import DiffusionPolicy  # noqa: E402
 
 
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = convert(args.src, args.dst, trust_pickle=args.trust_pickle, fp16=args.fp16, force=args.force)
-    except CheckpointError as err:
+    except UserError as err:  # a bad or refused checkpoint: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     print(f"converted {args.src} ({summary.pop('source_format')}) -> {summary.pop('destination')}")
     for key, value in summary.items():
         print(f"  {key}: {value}")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
 from policy_accel.data import load_demonstrations  # noqa: E402
+from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
 from policy_accel.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
 from policy_accel.runner import PolicyRunner  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402
@@ -65,7 +66,7 @@ def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
         config = PolicyConfig(**{**policy.config.to_dict(), "unet": unet})
         policy = DiffusionPolicy(config, ConditionalUnet1D(unet), policy.obs_normalizer, policy.action_normalizer)
     elif cfg.model != "checkpoint":
-        raise ValueError(f"unknown model {cfg.model!r}; valid: checkpoint, dp_original")
+        raise ConfigError(f"unknown model {cfg.model!r}; valid: checkpoint, dp_original")
     policy.to(device)
     if cfg.cuda_graphs:
         policy.use_cuda_graphs()
@@ -181,6 +182,7 @@ def summarize(timed: list, profiled: list, warm: bool, network_ms: dict[str, flo
 
 
 @hydra.main(config_path="../configs", config_name="latency", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)

@@ -20,34 +20,44 @@ offline rollout's score of the same configuration. Writes ``results.json`` and `
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from policy_accel.checkpoint import load_policy  # noqa: E402
 from policy_accel.control import (  # noqa: E402
+    FALLBACKS,
     Clock,
     ControlAction,
+    InferenceError,
     InferenceInfo,
     MonotonicClock,
     RealTimeController,
     RunnerPlanner,
 )
-from policy_accel.runner import PolicyRunner  # noqa: E402
-from policy_accel.solvers import make_solver  # noqa: E402
-from policy_accel.solvers.base import Budget  # noqa: E402
+from policy_accel.errors import ConfigError, UserError, report_user_errors  # noqa: E402
+from policy_accel.experiment import (  # noqa: E402
+    Session,
+    build_session,
+    cfg_choice,
+    cfg_float,
+    cfg_int,
+    prepare_out_dir,
+    run_id,
+    write_json_atomic,
+    write_text_atomic,
+)
 from policy_accel.tasks import env_factory  # noqa: E402
 
 log = logging.getLogger("realtime")
@@ -56,14 +66,28 @@ log = logging.getLogger("realtime")
 HOLD_ACTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"pusht": lambda obs: np.asarray(obs[-2:])}
 
 
-def build_runner(cfg: DictConfig) -> PolicyRunner:
-    """The same policy, solver and schedule as eval/rollout.py builds from the same config groups."""
-    torch.set_num_threads(cfg.threads)
-    solver = make_solver(cfg.solver.name, **OmegaConf.to_container(cfg.solver.options))
-    policy = load_policy(cfg.checkpoint, device=cfg.device)
-    schedule = policy.schedule(**cfg.policy.schedule)
-    budget = Budget(cfg.budget.max_iterations) if cfg.budget.max_iterations is not None else None
-    return PolicyRunner(policy, solver, schedule, cfg.warm_start, cfg.solver.noise, budget)
+MAX_RATE_HZ = 1000.0  # above this a tick is shorter than the OS's sleep granularity
+
+
+def check_loop_options(cfg: DictConfig) -> None:
+    """The real-time options, each with one line naming the key, the value and what is allowed."""
+    cfg_float(cfg, "rate_hz", minimum=0, strict=True, maximum=MAX_RATE_HZ)
+    cfg_float(cfg, "obs_delay_ms", minimum=0)
+    cfg_float(cfg, "act_delay_ms", minimum=0)
+    cfg_choice(cfg, "fallback", FALLBACKS)
+    cfg_int(cfg, "chunk_steps", minimum=1, optional=True)
+    cfg_float(cfg, "lead_ms", minimum=0, optional=True)
+    cfg_float(cfg, "latency_safety", minimum=0, strict=True)
+    cfg_float(cfg, "deadline_margin_ms", minimum=0)
+    cfg_int(cfg, "max_steps", minimum=1, optional=True)
+    cfg_float(cfg, "switch_interval_ms", minimum=0, strict=True, optional=True)
+
+
+def build_runner(cfg: DictConfig) -> Session:
+    """The policy, solver, schedule and runner exactly as eval/rollout.py builds them from the same config (one
+    library function: ``policy.path``, ``trust_pickle``, ``tail_fill``, ``renoise_steps``, budgets and all)."""
+    check_loop_options(cfg)
+    return build_session(cfg)
 
 
 def build_controller(
@@ -184,7 +208,7 @@ def offline_score(cfg: DictConfig) -> dict | None:
             if (
                 row["policy"] == cfg.policy.name
                 and row["solver"] == cfg.solver.name
-                and row["warm_start"] == str(bool(cfg.warm_start))
+                and row["warm_start"] == str(cfg.warm_start)
                 and row["noise"] == cfg.solver.noise
             ):
                 return {"source": str(path), "label": row["label"], "score": float(row["score"]),
@@ -192,7 +216,9 @@ def offline_score(cfg: DictConfig) -> dict | None:
     return None
 
 
-def summarize(cfg: DictConfig, episodes: list[EpisodeLog], inferences: list[InferenceInfo], ctrl) -> dict:
+def summarize(
+    cfg: DictConfig, session: Session, episodes: list[EpisodeLog], inferences: list[InferenceInfo], ctrl
+) -> dict:
     """The numbers results.json reports (all times in ms)."""
     dt = 1.0 / cfg.rate_hz
     periods = np.concatenate([np.diff(e.wake_s) for e in episodes]) if episodes else np.zeros(0)
@@ -202,12 +228,19 @@ def summarize(cfg: DictConfig, episodes: list[EpisodeLog], inferences: list[Infe
     offline = offline_score(cfg)
     missed = int(sum(e.misses for e in episodes))
     overruns = int((late > dt / 2).sum())
+    # a tick both served by the fallback and woken late is one missed tick, not two
+    missed_union = sum(len(set(e.miss_ticks) | {k for k, x in enumerate(e.late_s) if x > dt / 2}) for e in episodes)
     out = {
+        "run_id": run_id(cfg),
         "task": cfg.task.name,
         "solver": cfg.solver.name,
         "policy": cfg.policy.name,
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": bool(cfg.warm_start),
+        "warm_start": session.warm_start,
+        "renoise_steps": session.runner.renoise_steps,
+        "tail_fill": session.runner.tail_fill,
+        "checkpoint": session.checkpoint,
+        "approximate": session.runner.approximate or any(not i.converged for i in bounded),
         "noise": cfg.solver.noise,
         "threads": cfg.threads,
         "rate_hz": cfg.rate_hz,
@@ -225,7 +258,7 @@ def summarize(cfg: DictConfig, episodes: list[EpisodeLog], inferences: list[Infe
         "offline": offline,
         "score_minus_offline": None if offline is None else score - offline["score"],
         "ticks": int(sum(e.steps for e in episodes)),
-        "missed_ticks": missed + overruns,
+        "missed_ticks": missed_union,
         "fallback_ticks": missed,
         "overrun_ticks": overruns,
         "period_jitter_ms": _stats(np.abs(periods - dt)),
@@ -279,17 +312,28 @@ def markdown(r: dict) -> str:
     )
 
 
+def check_not_another_run(out_dir: Path, this_run: str) -> None:
+    """Refuse to overwrite the results.json of a run with other settings (its ``run_id`` differs)."""
+    try:
+        found = json.loads((out_dir / "results.json").read_text()).get("run_id", "(not recorded)")
+    except (OSError, ValueError, AttributeError):
+        return
+    if found != this_run:
+        raise ConfigError(
+            f"{out_dir / 'results.json'} holds another run (run_id {found}, this run {this_run}), which this one "
+            "would overwrite: pass another out_dir=..., or delete that results.json"
+        )
+
+
 def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
-    if cfg.fallback not in ("hold", "continue"):
-        raise ValueError(f"fallback={cfg.fallback!r}; valid: hold, continue")
+    session = build_runner(cfg)
+    runner, seeds = session.runner, session.seeds
+    out_dir = prepare_out_dir(cfg.out_dir)  # before the first episode: a run must not fail only at its end
+    check_not_another_run(out_dir, run_id(cfg))
     if cfg.switch_interval_ms is not None:
         sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
     clock = clock or MonotonicClock()
     make_env = env_factory(cfg.task.name)
-    runner = build_runner(cfg)
-    seeds = list(cfg.seeds) if cfg.seeds is not None else list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
-    if not seeds:
-        raise ValueError("no episodes to run: n_episodes must be >= 1 or seeds non-empty")
     dt = 1.0 / cfg.rate_hz
     inferences: list[InferenceInfo] = []
     episodes: list[EpisodeLog] = []
@@ -305,7 +349,7 @@ def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
         len(seeds),
     )
     ctrl = build_controller(cfg, RunnerPlanner(runner), runner.policy.config.n_obs_steps, clock, inferences.append)
-    with ctrl:
+    with ctrl, _user_errors_from_worker():
         for seed in seeds:
             ep = run_episode(
                 make_env, ctrl, clock, seed, dt, cfg.obs_delay_ms / 1e3, cfg.act_delay_ms / 1e3, cfg.max_steps
@@ -321,18 +365,28 @@ def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
                 worst,
                 np.mean([e.max_reward for e in episodes]),
             )
-    results = summarize(cfg, episodes, inferences, ctrl)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    results = summarize(cfg, session, episodes, inferences, ctrl)
+    write_json_atomic(out_dir / "results.json", results)  # atomic: a killed run leaves no partial file
     table = markdown(results)
-    (out_dir / "results.md").write_text(table)
+    write_text_atomic(out_dir / "results.md", table)
     print("\n" + table)
     print(f"results written to {out_dir / 'results.json'}")
     return results
 
 
+@contextlib.contextmanager
+def _user_errors_from_worker() -> Iterator[None]:
+    """A bad observation found in the inference worker is the user's error, reported as such (not a traceback)."""
+    try:
+        yield
+    except InferenceError as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="realtime")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     realtime(cfg)
 

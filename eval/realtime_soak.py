@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "eval"))
 from realtime import build_controller, build_runner  # noqa: E402
 
 from policy_accel.control import MonotonicClock, Plan  # noqa: E402
+from policy_accel.errors import report_user_errors  # noqa: E402
 from policy_accel.tasks import env_factory  # noqa: E402
 
 log = logging.getLogger("realtime_soak")
@@ -66,7 +67,7 @@ def soak(cfg: DictConfig) -> dict:
     else:
         from policy_accel.control import RunnerPlanner
 
-        runner = build_runner(cfg)
+        runner = build_runner(cfg).runner
         planner, n_obs = RunnerPlanner(runner), runner.policy.config.n_obs_steps
         what = f"{cfg.policy.name} {cfg.solver.name} warm={cfg.warm_start}"
     # preallocated: the benchmark itself must not grow while it measures growth
@@ -172,6 +173,7 @@ def summarize(cfg, what, dt, t0, wake, source, latency, converged, rss, rss_tick
     }
 
 
+@report_user_errors
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policy_accel.checkpoint import load_policy  # noqa: E402
+from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402
 from policy_accel.train import build_dataset  # noqa: E402
 
@@ -44,7 +45,7 @@ def bench(cfg: DictConfig) -> dict:
     schedule = policy.schedule(**cfg.policy.schedule)
     unknown = [c for c in cfg.configurations if c not in cfg.solvers]
     if unknown:
-        raise ValueError(f"unknown configurations {unknown}; defined: {list(cfg.solvers)}")
+        raise ConfigError(f"unknown configurations {unknown}; defined: {list(cfg.solvers)}")
     names = ["sequential", *[c for c in cfg.configurations if c != "sequential"]]
     solvers = {c: make_solver(cfg.solvers[c].name, **OmegaConf.to_container(cfg.solvers[c].options)) for c in names}
     observations = dataset_observations(cfg.task, cfg.n_obs, cfg.seed)
@@ -110,6 +111,7 @@ def bench(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="solver_bench")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     bench(cfg)
 

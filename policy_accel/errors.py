@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_USER_ERROR = 2  # argparse's status for bad usage; Hydra's own config errors exit 1
+EXIT_USER_ERROR = 1  # as Hydra's own config errors and eval/convert.py
 
 
 class UserError(Exception):
@@ -50,7 +50,7 @@ def _in_multirun() -> bool:
 def report_user_errors(func: F) -> F:
     """Wrap a command's main (or Hydra task) function: a :class:`UserError` ends it with ``error: <message>``.
 
-    In a single run the message is the only line on stderr and the exit status is 2. Inside a Hydra multirun the
+    In a single run the message is the only line on stderr and the exit status is 1. Inside a Hydra multirun the
     job must fail without stopping the process (the launcher runs the other jobs and reports the failure), so the
     error is logged to the job's log and re-raised as Hydra's compact error, which Hydra prints without traceback.
     """

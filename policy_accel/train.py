@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from policy_accel.checkpoint import save_policy
 from policy_accel.data import SequenceDataset, load_demonstrations
+from policy_accel.errors import report_user_errors
+from policy_accel.experiment import cfg_float, cfg_int
 from policy_accel.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig
@@ -50,6 +52,11 @@ def build_dataset(task: DictConfig, max_episodes: int | None) -> tuple[SequenceD
 
 
 def train(cfg: DictConfig) -> Path:
+    for key in ("steps", "batch_size", "save_every", "log_every", "threads"):
+        cfg_int(cfg, key, minimum=1)  # one line naming the key, the value and what is allowed
+    cfg_int(cfg, "max_episodes", minimum=1, optional=True)
+    cfg_float(cfg, "lr", minimum=0, strict=True)
+    cfg_float(cfg, "time_limit_min", minimum=0, strict=True, optional=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -172,6 +179,7 @@ def train(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     path = train(cfg)
     print(f"policy saved to {path}")

@@ -6,6 +6,7 @@ what is tested (one stderr line, exit status, Hydra's parsing of ``no``), on one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -243,3 +244,223 @@ def test_checkpoint_config_fields_are_checked_for_type_and_range_when_read(edit,
     with pytest.raises(CheckpointError) as err:
         load_policy(small_ckpt)
     assert str(small_ckpt / "config.json") in str(err.value) and words in str(err.value), str(err.value)
+
+
+# -- the real-time loop runs the user's policy with every rollout option ---------------------------------------------
+
+
+def test_realtime_and_rollout_both_run_the_checkpoint_given_by_path_with_its_options(tmp_path):
+    ckpt = _copy_pusht(tmp_path)
+    opts = [
+        f"policy.path={ckpt}",
+        "warm_start=renoise",
+        "renoise_steps=1",
+        "tail_fill=chain",
+        "budget.max_iterations=2",
+    ]
+    offline = run_script("rollout.py", *FAST, *opts, f"out_dir={tmp_path / 'offline'}")
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    online = run_script("realtime.py", *FAST[:4], "max_steps=16", *opts, f"out_dir={tmp_path / 'online'}")
+    assert online.returncode == 0, online.stderr[-3000:]
+    a = json.loads((tmp_path / "offline" / "results.json").read_text())
+    b = json.loads((tmp_path / "online" / "results.json").read_text())
+    for r in (a, b):
+        assert r["checkpoint"] == str(ckpt) and r["warm_start"] == "renoise" and r["renoise_steps"] == 1
+        assert r["tail_fill"] == "chain" and r["approximate"] is True
+
+    _poke(ckpt, "model.final_conv.1.weight", float("nan"))  # the file is what both load: both refuse it now
+    for script in ("rollout.py", "realtime.py"):
+        line = one_error_line(run_script(script, *FAST[:4], f"policy.path={ckpt}", f"out_dir={tmp_path / 'x'}"))
+        assert str(ckpt / "model.safetensors") in line and "final_conv.1.weight" in line
+
+
+def test_realtime_refuses_a_missing_policy_path_and_a_pickle_spelled_no(hostile_ckpt, tmp_path):
+    line = one_error_line(run_script("realtime.py", "policy.path=/nonexistent", f"out_dir={tmp_path}"))
+    assert "checkpoint directory /nonexistent does not exist" in line
+    path, marker = hostile_ckpt
+    line = one_error_line(
+        run_script("realtime.py", f"policy.path={path}", "policy.trust_pickle=no", f"out_dir={tmp_path}")
+    )
+    assert "policy.trust_pickle='no'" in line and not marker.exists()
+
+
+@dataclasses.dataclass
+class Stats:
+    chunks: int = 1
+
+
+def test_realtime_counts_a_tick_that_is_both_a_fallback_and_late_once():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "eval"))
+    from realtime import EpisodeLog, summarize
+
+    cfg = _compose("realtime.yaml", ["rate_hz=1000", "offline_results=null", "out_dir=/tmp/unused"], hydra=False)
+    ep = EpisodeLog(0, steps=3, misses=1, miss_ticks=[1], wake_s=[0.0, 0.0021, 0.003], late_s=[0.0, 0.0011, 0.0])
+    ep.chunk_actions = {0: 2}
+    runner = SimpleNamespace(renoise_steps=None, tail_fill="repeat", approximate=False)
+    session = SimpleNamespace(warm_start=False, runner=runner, checkpoint="c")
+    ctrl = SimpleNamespace(stats=Stats())
+    out = summarize(cfg, session, [ep], [], ctrl)
+    assert out["fallback_ticks"] == 1 and out["overrun_ticks"] == 1 and out["missed_ticks"] == 1
+
+
+# -- results lost or mixed --------------------------------------------------------------------------------------------
+
+
+def _compose(config: str, overrides: list[str], hydra: bool = True):
+    from hydra import compose, initialize_config_dir
+
+    import policy_accel.experiment  # noqa: F401  (registers ${run_id:})
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config, overrides=overrides, return_hydra_config=hydra)
+
+
+def test_default_run_directories_differ_whenever_a_result_setting_does():
+    from omegaconf import OmegaConf
+
+    def run_dir(config: str, *overrides: str) -> str:
+        cfg = _compose(config, list(overrides))
+        return OmegaConf.select(cfg, "hydra.run.dir")
+
+    base = run_dir("rollout.yaml", "n_episodes=5")
+    assert base == run_dir("rollout.yaml", "n_episodes=5", "skip_existing=true", "save_video=true")
+    others = [
+        run_dir("rollout.yaml", "n_episodes=6"),
+        run_dir("rollout.yaml", "n_episodes=5", "start_seed=7"),
+        run_dir("rollout.yaml", "n_episodes=5", "solver.options.tolerance=0.1"),
+        run_dir("rollout.yaml", "n_episodes=5", "budget.max_iterations=3"),
+        run_dir("rollout.yaml", "n_episodes=5", "check_exactness=true"),
+        run_dir("rollout.yaml", "n_episodes=5", "policy.path=/x"),
+    ]
+    assert len({base, *others}) == 7
+    assert run_dir("realtime.yaml", "lead_ms=200") != run_dir("realtime.yaml", "lead_ms=100")
+
+
+def test_a_different_run_never_overwrites_results_and_fails_before_its_first_episode(tmp_path):
+    first = run_script("rollout.py", *FAST, f"out_dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (tmp_path / "results.json").read_text()
+    for change in ("seeds=[100001]", "budget.max_iterations=1", "policy.schedule.kind=ddpm", "check_exactness=true"):
+        for skip in ("skip_existing=false", "skip_existing=true"):
+            run = run_script("rollout.py", *FAST, change, skip, f"out_dir={tmp_path}")
+            line = one_error_line(run)
+            assert "holds another run" in line and "seed 100001" not in run.stdout + run.stderr
+    assert (tmp_path / "results.json").read_text() == before
+    same = run_script("rollout.py", *FAST, "skip_existing=true", f"out_dir={tmp_path}")
+    assert same.returncode == 0 and "skipped (skip_existing=true)" in same.stdout + same.stderr
+
+
+def test_an_output_directory_that_cannot_be_written_fails_before_the_first_episode(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for script in ("rollout.py", "realtime.py"):
+        run = run_script(script, *FAST[:4], f"out_dir={blocker / 'out'}")
+        line = one_error_line(run)
+        assert f"out_dir='{blocker / 'out'}' cannot be written" in line
+        assert "seed 100000:" not in run.stdout + run.stderr  # no episode ran
+
+
+def test_ctrl_c_keeps_finished_episodes_and_the_same_command_resumes(tmp_path):
+    import signal
+    import time
+
+    seeds = "seeds=[100000,100001,100002,100003,100004,100005,100006,100007]"
+    args = [sys.executable, str(ROOT / "eval" / "rollout.py"), *FAST[:3], seeds, f"out_dir={tmp_path}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / "episodes.partial.json"
+    deadline = time.monotonic() + 240
+    while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    assert proc.returncode == 130 and "run the same command again to resume" in err, err[-3000:]
+    kept = json.loads(progress.read_text())
+    assert 1 <= len(kept["episodes"]) < 8 and not (tmp_path / "results.json").exists()
+
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming: {len(kept['episodes'])} of 8 episodes" in resumed.stdout + resumed.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"] == list(range(100000, 100008))
+    assert results["episodes"][: len(kept["episodes"])] == kept["episodes"] and not progress.exists()
+
+
+# -- values of the wrong type or range: one line naming the key, the value and what is allowed ------------------------
+
+
+@pytest.mark.parametrize(
+    "config,override,words",
+    [
+        ("rollout.yaml", "n_episodes=abc", "n_episodes='abc' is not allowed: expected an integer >= 1"),
+        ("rollout.yaml", "n_episodes=0", "n_episodes=0 is not allowed"),
+        ("rollout.yaml", "seeds=abc", "seeds='abc' is not allowed: expected a non-empty list of integers"),
+        ("rollout.yaml", "seeds=[]", "seeds=[] is not allowed"),
+        ("rollout.yaml", "seeds=[1,1]", "expected distinct seeds"),
+        ("rollout.yaml", "seeds=[1.5]", "seeds=[1.5]"),
+        ("rollout.yaml", "start_seed=-1", "start_seed=-1"),
+        ("rollout.yaml", "threads=0", "threads=0 is not allowed: expected an integer >= 1"),
+        ("rollout.yaml", "threads=two", "threads='two'"),
+        ("rollout.yaml", "budget.time_ms=0", "budget.time_ms=0 is not allowed: expected a finite number > 0"),
+        ("rollout.yaml", "budget.time_ms=nan", "budget.time_ms=nan"),
+        ("rollout.yaml", "budget.max_iterations=0", "budget.max_iterations=0"),
+        ("rollout.yaml", "warm_start=yes", "warm_start='yes' is not allowed: expected false, true (exact) or renoise"),
+        ("rollout.yaml", "warm_start=1", "warm_start=1"),
+        ("rollout.yaml", "tail_fill=zero", "tail_fill='zero' is not allowed: expected one of repeat, chain"),
+        ("rollout.yaml", "renoise_steps=0", "renoise_steps=0"),
+        ("rollout.yaml", "renoise_steps=3", "renoise_steps=3 is only used with warm_start='renoise'"),
+        ("rollout.yaml", "solver.noise=same", "solver.noise='same' is not allowed"),
+        ("rollout.yaml", "device=gpu", "device='gpu' is not allowed"),
+        ("rollout.yaml", "check_exactness=maybe", "check_exactness='maybe' is not allowed: expected true or false"),
+        ("rollout.yaml", "policy.trust_pickle=1", "policy.trust_pickle=1 is not allowed: expected true or false"),
+        ("rollout.yaml", "policy.path=''", "policy.path='' is not allowed"),
+        ("rollout.yaml", "solver.options.tolerance=abc", "solver.options={'window': 16, 'tolerance': 'abc'}"),
+        ("rollout.yaml", "policy.schedule.num_inference_steps=1000", "policy.schedule="),
+        ("rollout.yaml", "policy.schedule.kind=dpm", "policy.schedule="),
+        ("realtime.yaml", "rate_hz=0", "rate_hz=0 is not allowed: expected a finite number > 0 <= 1000"),
+        ("realtime.yaml", "rate_hz=1e9", "rate_hz=1000000000.0 is not allowed"),
+        ("realtime.yaml", "rate_hz=fast", "rate_hz='fast'"),
+        ("realtime.yaml", "obs_delay_ms=-1", "obs_delay_ms=-1"),
+        ("realtime.yaml", "fallback=stop", "fallback='stop' is not allowed: expected one of hold, continue"),
+        ("realtime.yaml", "chunk_steps=0", "chunk_steps=0"),
+        ("realtime.yaml", "lead_ms=-5", "lead_ms=-5"),
+        ("realtime.yaml", "latency_safety=0", "latency_safety=0"),
+        ("realtime.yaml", "max_steps=0", "max_steps=0"),
+        ("realtime.yaml", "switch_interval_ms=0", "switch_interval_ms=0"),
+    ],
+)
+def test_run_values_of_the_wrong_type_or_range_name_key_value_and_what_is_allowed(config, override, words):
+    from policy_accel.errors import ConfigError
+
+    cfg = _compose(config, [override, "out_dir=/tmp/unused"], hydra=False)
+    if config == "realtime.yaml":
+        sys.path.insert(0, str(ROOT / "eval"))
+        from realtime import build_runner as build
+    else:
+        from policy_accel.experiment import build_session as build
+    with pytest.raises(ConfigError) as err:
+        build(cfg)
+    assert words in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    line = one_error_line(run_script("rollout.py", "n_episodes=abc", f"out_dir={tmp_path}"))
+    assert line == "error: n_episodes='abc' is not allowed: expected an integer >= 1"
+    line = one_error_line(run_script("realtime.py", "rate_hz=0", f"out_dir={tmp_path}"))
+    assert line.startswith("error: rate_hz=0 is not allowed")
+    train = subprocess.run(
+        [sys.executable, "-m", "policy_accel.train", "threads=0", f"out_dir={tmp_path / 'train'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert one_error_line(train) == "error: threads=0 is not allowed: expected an integer >= 1"
+    # in a sweep the failing job is reported without a traceback, and the exit status is still non-zero
+    sweep = run_script("rollout.py", "-m", "threads=1", "n_episodes=abc", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert sweep.returncode != 0 and "error: n_episodes='abc' is not allowed" in sweep.stderr
+    assert "Traceback" not in sweep.stderr
