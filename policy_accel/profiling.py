@@ -18,11 +18,12 @@ pass through the dispatcher on a CPU (``tolist``, numpy views), which library co
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from policy_accel.solvers.base import Denoiser
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # as in policy_accel.solvers.base
 
 aten = torch.ops.aten
 _SYNCING = {
@@ -39,6 +40,17 @@ def note_host_read(n: int = 1) -> None:
     """Report ``n`` host reads the dispatcher cannot see (``tolist``, numpy) to the counter in use, if any."""
     for counter in _ACTIVE:
         counter.host_reads += n
+
+
+def read_to_host(tensor: torch.Tensor) -> list:
+    """The tensor's values as a flat Python list: one host read, counted whether or not the dispatcher sees it
+    (a copy off an accelerator is an operator; a CPU tensor's numpy view is not, so it is counted here)."""
+    if tensor.numel() == 1:
+        return [tensor.item()]  # aten.item: seen by the dispatcher
+    if tensor.device.type == "cpu":
+        note_host_read()
+        return tensor.flatten().tolist()
+    return tensor.cpu().flatten().tolist()  # aten._to_copy off the device: seen by the dispatcher
 
 
 def _reads_to_host(func, args) -> bool:

@@ -3,7 +3,10 @@
 A solver solves the triangular system ``y_{j+1} = step_j(y_j) + noise_scale_j * z_j`` (j = 0..T-1,
 ``y_0 = x_T``) given all of its noise up front. ``solve`` is pure: everything a solve needs
 (noise, conditioning, an optional initial trajectory, budgets) is passed in, and everything it
-learned comes back in a :class:`SolveResult`.
+learned comes back in a :class:`SolveResult`, with a typed warm state (:class:`SolveState`) for the next solve.
+
+Every solver treats a non-finite residual or sample as not converged: such a solve ends with
+``converged=False`` and ``stop_reason="non_finite"``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from policy_accel.multistep import dynamic_threshold
 from policy_accel.schedule import Schedule
 
 # eps = denoiser(sample (N, H, A), timestep (N,), global_cond (N, C))
@@ -55,6 +59,59 @@ class Budget:
 
 
 @dataclass
+class SolveState:
+    """What one solve hands the next as its warm start: the chain estimate, and (subclasses) noise-independent
+    solver state such as Newton's Jacobians. ``shifted`` moves it along the (horizon, action_dim) chunk by the
+    actions executed in between; the overlap keeps its values and each new tail position repeats the last one."""
+
+    trajectory: torch.Tensor  # (T+1, B, H, A)
+
+    def shifted(self, shift: int) -> SolveState:
+        return SolveState(shift_chunk(self.trajectory, shift))
+
+    def check(self, schedule: Schedule, noise: Noise) -> None:
+        """Raise if this state cannot warm-start a solve of this schedule and noise (a silent mismatch would be
+        ignored or, worse, broadcast)."""
+        expected = (schedule.num_steps + 1, *noise.x_T.shape)
+        if tuple(self.trajectory.shape) != expected:
+            raise ValueError(
+                f"warm state trajectory has shape {tuple(self.trajectory.shape)}, this solve needs {expected}"
+            )
+
+
+def shift_chunk(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """``x`` (..., H, A) shifted left by ``shift`` along H, the tail repeating the last position."""
+    if not 0 <= shift <= x.shape[-2]:
+        raise ValueError(f"shift={shift} must be in [0, {x.shape[-2]}]")
+    return torch.cat([x[..., shift:, :], x[..., -1:, :].expand(*x.shape[:-2], shift, x.shape[-1])], dim=-2)
+
+
+def check_state(state: SolveState | None, schedule: Schedule, noise: Noise) -> None:
+    if state is None:
+        return
+    if not isinstance(state, SolveState):
+        raise ValueError(f"warm state must be a SolveState (or None), got {type(state).__name__}")
+    state.check(schedule, noise)
+
+
+@dataclass
+class RoundTrace:
+    """One round of a parallel solve, for studies that read iterates (``solve(..., trace=fn)``).
+
+    Tensors are the solver's own buffers, valid during the call only: clone what you keep. Reading them on the
+    host costs a synchronisation the solve itself does not make.
+    """
+
+    iteration: int  # rounds done so far, this one included
+    trajectory: torch.Tensor  # (T+1, B, H, A) after this round's update
+    residual: torch.Tensor  # (B,) largest one-step residual each row had at this round's evaluation
+    done: torch.Tensor  # (B,) bool: the row has converged (it no longer changes)
+
+
+RoundHook = Callable[[RoundTrace], None]
+
+
+@dataclass
 class SolveResult:
     sample: torch.Tensor  # (B, H, A): the output estimate y_T
     trajectory: torch.Tensor  # (T+1, B, H, A): the whole chain estimate, y_0 = x_T
@@ -63,8 +120,8 @@ class SolveResult:
     converged: bool
     residual: float  # largest one-step residual |y_{j+1} - step_j(y_j) - xi_j| seen last
     wall_time_s: float
-    stop_reason: str  # "converged" | "iteration_budget" | "time_budget" | "exhausted"
-    extras: dict = field(default_factory=dict)  # solver state worth carrying (e.g. Jacobians)
+    stop_reason: str  # "converged" | "iteration_budget" | "time_budget" | "exhausted" | "non_finite"
+    extras: dict = field(default_factory=dict)  # solver-specific diagnostics
     # Rounds each batch row needed, for solvers whose rows converge independently (a batch-1 solve of
     # that row would take as many); None when the batch moves together and every row took `iterations`.
     row_iterations: list[int] | None = None
@@ -73,9 +130,15 @@ class SolveResult:
         batch = self.sample.shape[0]
         return self.row_iterations if self.row_iterations is not None else [self.iterations] * batch
 
+    # The warm state for the next solve (trajectory, plus e.g. Newton's Jacobians); None: nothing to carry.
+    state: SolveState | None = None
+
 
 class Solver(Protocol):
     name: str
+    # True when a warm start (``init``) changes only the cost, never the answer beyond the stated tolerance;
+    # False for solvers whose stopping test a good guess can pass early (ParaDiGMS compares successive iterates).
+    exact_warm_start: bool
 
     def solve(
         self,
@@ -85,7 +148,8 @@ class Solver(Protocol):
         global_cond: torch.Tensor,
         init: torch.Tensor | None = None,
         budget: Budget | None = None,
-        carry: dict | None = None,
+        carry: SolveState | None = None,
+        trace: RoundHook | None = None,
     ) -> SolveResult: ...
 
 
@@ -149,6 +213,48 @@ def check_inputs(schedule: Schedule, noise: Noise, global_cond: torch.Tensor, in
         raise ValueError(f"global_cond batch {global_cond.shape[0]} != sample batch {noise.x_T.shape[0]}")
     if init is not None and init.shape != (T + 1, *noise.x_T.shape):
         raise ValueError(f"init trajectory must have shape {(T + 1, *noise.x_T.shape)}, got {tuple(init.shape)}")
+
+
+def non_finite(result_sample: torch.Tensor) -> bool:
+    """One host read: does the sample hold NaN or inf?"""
+    return not bool(torch.isfinite(result_sample).all())
+
+
+class RowStep:
+    """``Schedule.step`` for rows whose coefficients are gathered once per solve (or per round by a device index),
+    in five operators: the chain's arithmetic with fused multiply-adds, so a round dispatches no indexing.
+
+    The fused forms round differently from ``Schedule.step`` by a float32 ulp; a parallel solve converges to its
+    own step's fixed point, which differs from the sequential sample by round-off.
+    """
+
+    def __init__(self, schedule: Schedule):
+        if schedule.is_multistep:
+            raise ValueError(
+                f"{schedule.config.kind} is a multistep sampler, not a one-step chain: only solver=sequential runs it"
+            )
+        self.schedule = schedule
+        # (T, 4): sqrt(abar_t), sqrt(1 - abar_t), coefficient of x0, coefficient of y (DDPM) or eps (DDIM)
+        self.table = torch.stack(
+            [schedule.sqrt_alpha_prod, schedule.sqrt_beta_prod, schedule.coef_x0, schedule.coef_y], dim=1
+        )
+
+    def coefficients(self, index: torch.Tensor, ndim: int) -> tuple[torch.Tensor, ...]:
+        """The four coefficients for rows ``index`` (N,), each shaped (N, 1, ...) to broadcast over ``ndim`` dims."""
+        table = self.table[index].view(-1, 4, *([1] * (ndim - 1)))
+        return table.unbind(1)
+
+    def __call__(
+        self, y: torch.Tensor, eps: torch.Tensor, coefs: tuple[torch.Tensor, ...], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        s0, s1, c_x0, c_y = coefs
+        x0 = torch.addcmul(y, s1, eps, value=-1).div_(s0)
+        config = self.schedule.config
+        if config.thresholding:
+            x0 = dynamic_threshold(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+        elif config.clip_sample:
+            x0 = x0.clamp_(-1.0, 1.0)
+        return torch.addcmul(c_y * (eps if self.schedule.is_ode else y), c_x0, x0, out=out)
 
 
 def one_step_residual(trajectory: torch.Tensor, stepped: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:

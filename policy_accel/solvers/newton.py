@@ -4,10 +4,10 @@ Linearise every step around the current trajectory ``ybar`` and solve the linear
 
     y_0 = x_T,   y_{j+1} = step_j(ybar_j) + xi_j + J_j (y_j - ybar_j),   J_j = d step_j / dy (ybar_j)
 
-Evaluating all steps (and their Jacobians) is one batched round; the recursion is a short loop of
-D x D matrix-vector products (D = horizon x action_dim, 32 for PushT). With fresh Jacobians the
-error falls (nearly) quadratically. Whatever the Jacobians, the first unconverged state becomes exact each
-round (its inputs are exact, so its update is the plain step), so a solve takes at most T rounds.
+Evaluating all steps (and their Jacobians) is one batched round; the recursion is a block lower-bidiagonal
+linear system in D = horizon x action_dim (32 for PushT) unknowns per step (see :class:`BlockRecursion`). With
+fresh Jacobians the error falls (nearly) quadratically. Whatever the Jacobians, the first unconverged state becomes
+exact each round (its inputs are exact, so its update is the plain step), so a solve takes at most T rounds.
 
 Stopping: a row has converged when every one-step residual is below ``tolerance`` (checked on the
 round's evaluation), or (exact Jacobians only) when the estimated error of its newest iterate is below
@@ -18,8 +18,11 @@ a Newton update that shrinks quadratically gives a tiny r, so the new iterate is
 round spent re-checking it. Chord and Broyden iterations converge too unevenly for that estimate (it let
 closed-loop solves end 5.3e-3 off), so they always stop on the residual test.
 
-Batch rows converge (and stop changing) independently, so each row's round count is what a batch-1
-solve of it would need.
+Fixed-shape rounds: every round evaluates all T steps of every batch row, so its shapes (and, on a GPU, its
+kernels) never change; states that are final, and rows that converged, are masked rather than removed, so each
+row still stops changing at the round a batch-1 solve of it would stop, and reports that round count. Per round
+the solver dispatches a fixed number of operators whatever T (buffers and views are built once per shape and
+reused across solves) and reads the device once, a per-row status vector (``check_every=k``: every k rounds).
 
 Jacobian strategies:
   * ``exact``   - the Jacobian of the whole step at the current iterate, every round (D extra rows
@@ -36,30 +39,39 @@ Newton update.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.autograd import forward_ad
 
+from policy_accel.profiling import read_to_host
 from policy_accel.schedule import Schedule
 from policy_accel.solvers.base import (
     Budget,
     Clock,
     Denoiser,
     Noise,
+    RoundHook,
+    RoundTrace,
+    RowStep,
     SolveResult,
+    SolveState,
     check_inputs,
-    cold_trajectory,
+    check_state,
     evaluate_steps,
-    step_noise,
+    shift_chunk,
 )
 
 JACOBIAN_STRATEGIES = ("exact", "chord", "broyden")
 
 
 DERIVATIVES = ("finite_difference", "forward_ad")
+RECURSIONS = ("loop", "scan")
 FINITE_DIFFERENCE_STEP = 1e-3
+# Elements of a dense (T*D)^2 system per batch row beyond which "loop" also runs in blocks (256 MiB in float32).
+DENSE_LIMIT = 1 << 26
 
 
 @contextlib.contextmanager
@@ -123,30 +135,208 @@ def step_jacobians(
     return stepped, torch.cat(blocks).view(L, B, D, D)
 
 
+def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor:
+    """Shift per-step Jacobians (T, B, D, D) over a (horizon, A) chunk like the trajectory.
+
+    The overlap keeps its blocks; each new tail position gets the last position's own block (no coupling to others).
+    """
+    T, B, D, _ = jac.shape
+    A = D // horizon
+    j = jac.view(T, B, horizon, A, horizon, A)
+    out = torch.zeros_like(j)
+    keep = horizon - shift
+    out[:, :, :keep, :, :keep, :] = j[:, :, shift:, :, shift:, :]
+    tail = torch.diagonal(out[:, :, keep:, :, keep:, :], dim1=2, dim2=4)  # (T, B, A, A, shift): blocks (h, h)
+    tail.copy_(j[:, :, -1, :, -1, :].unsqueeze(-1).expand_as(tail))
+    return out.view(T, B, D, D)
+
+
+@dataclass
+class NewtonState(SolveState):
+    """Newton's warm state: the trajectory and the per-step Jacobians (T, B, D, D) [out, in] of the last round."""
+
+    jacobians: torch.Tensor | None = None
+
+    def shifted(self, shift: int) -> NewtonState:
+        horizon = self.trajectory.shape[-2]
+        jac = None if self.jacobians is None else shift_jacobians(self.jacobians, shift, horizon)
+        return NewtonState(shift_chunk(self.trajectory, shift), jac)
+
+    def check(self, schedule: Schedule, noise: Noise) -> None:
+        super().check(schedule, noise)
+        if self.jacobians is not None:
+            D = noise.x_T[0].numel()
+            expected = (schedule.num_steps, noise.x_T.shape[0], D, D)
+            if tuple(self.jacobians.shape) != expected:
+                raise ValueError(f"warm state Jacobians have shape {tuple(self.jacobians.shape)}, need {expected}")
+
+
+class BlockRecursion:
+    """All d_{j+1} = A_j d_j + c_j (j = 0..T-1, d_0 = 0) in a fixed number of operators, whatever T.
+
+    The steps are cut into nb blocks of K. Each block is a unit lower block-bidiagonal system in its K*D unknowns,
+    solved densely (one batched triangular solve, all blocks side by side) both for its own offsets and for the
+    map from the state entering it; one more triangular solve chains the nb block boundaries, and one batched
+    product fills every state. K = T (one block) is forward substitution, the sequential recursion in one kernel;
+    K ~ sqrt(T) is a two-level parallel scan. Buffers and views are built once: callers write the coupling
+    (negated, into ``source``) and the offsets (``offsets``) in place, then call :meth:`load` and :meth:`solve`.
+    """
+
+    def __init__(self, T: int, B: int, D: int, block: int, dtype: torch.dtype, device: torch.device):
+        K = max(1, min(block, T))
+        nb = math.ceil(T / K)
+        Tp = nb * K
+        self.T, self.B, self.D, self.K, self.nb = T, B, D, K, nb
+        cols = D + 1 if nb > 1 else 1  # the entering state's map (D columns) and the block's offsets
+        zeros = dict(dtype=dtype, device=device)
+        self.zero = torch.zeros((), **zeros)  # `where(..., out=)` takes tensors only
+        # -A_j for every (padded) step; padding steps stay 0 and so never couple.
+        self.source = torch.zeros(Tp, B, D, D, **zeros)
+        src = self.source.view(nb, K, B, D, D)
+        self._m1 = torch.zeros(B, nb, K * D, K * D, **zeros)  # strictly lower part used; unit diagonal implied
+        m1 = self._m1.view(B, nb, K, D, K, D)
+        # Block (i+1, i) of block n holds -A_{nK+i+1}: a (nb, K-1, B, D, D) view of the matrices.
+        self._m1_sub = torch.diagonal(m1, offset=-1, dim1=2, dim2=4).permute(1, 4, 0, 2, 3)
+        self._src_sub = src[:, 1:]
+        self._rhs1 = torch.zeros(B, nb, K * D, cols, **zeros)
+        self._x1 = torch.zeros_like(self._rhs1)
+        self.offsets = self._rhs1.view(B, Tp, D, cols)[:, :T, :, cols - 1 :].permute(1, 0, 2, 3)  # (T, B, D, 1)
+        if nb > 1:
+            # The state entering block n acts on the block's first state through A_{nK}: written as -A_{nK}, so the
+            # solved entry maps come out negated (they are used so below).
+            self._entry = self._rhs1.view(B, nb, K, D, cols)[:, :, 0, :, :D].permute(1, 0, 2, 3)  # (nb, B, D, D)
+            self._src_entry = src[:, 0]
+            last = self._x1.view(B, nb, K, D, cols)[:, :, K - 1]  # (B, nb, D, cols): each block's last state
+            M = nb - 1
+            self._m2 = torch.zeros(B, M * D, M * D, **zeros)
+            self._m2_sub = torch.diagonal(self._m2.view(B, M, D, M, D), offset=-1, dim1=1, dim2=3)  # (B, D, D, M-1)
+            self._last_map = last[:, 1:M, :, :D].permute(0, 2, 3, 1)  # (B, D, D, M-1): -(maps of blocks 1..nb-2)
+            self._rhs2 = torch.zeros(B, M * D, 1, **zeros)
+            self._rhs2_blocks = self._rhs2.view(B, M, D)
+            self._last_offset = last[:, :M, :, D]  # (B, M, D)
+            self._boundary = torch.zeros(B, nb, D, **zeros)  # state entering each block; block 0's is d_0 = 0
+            self._boundary_out = self._boundary[:, 1:].reshape(B, M * D, 1)
+            flat = self._x1.view(B * nb, K * D, cols)
+            self._maps, self._local = flat[..., :D], flat[..., D:]
+            self._delta = torch.zeros(B * nb, K * D, 1, **zeros)
+            self._boundary_in = self._boundary.view(B * nb, D, 1)
+            delta = self._delta.view(B, Tp, D, 1)
+        else:
+            delta = self._x1.view(B, Tp, D, 1)
+        self.delta = delta[:, :T].permute(1, 0, 2, 3)  # (T, B, D, 1)
+
+    def load(self, use: torch.Tensor) -> None:
+        """Write the coupling from ``source`` into the systems, zeroed for rows where ``use`` (1, B, 1, 1) is False."""
+        if self.K > 1:
+            torch.where(use, self._src_sub, self.zero, out=self._m1_sub)
+        if self.nb > 1:
+            torch.where(use, self._src_entry, self.zero, out=self._entry)
+
+    def solve(self) -> torch.Tensor:
+        """d_1..d_T as a (T, B, D, 1) view of a buffer this object reuses."""
+        torch.linalg.solve_triangular(self._m1, self._rhs1, upper=False, unitriangular=True, out=self._x1)
+        if self.nb > 1:
+            if self.nb > 2:
+                self._m2_sub.copy_(self._last_map)  # -(-map): the boundary system's coupling is -map
+            self._rhs2_blocks.copy_(self._last_offset)
+            torch.linalg.solve_triangular(self._m2, self._rhs2, upper=False, unitriangular=True, out=self._boundary_out)
+            torch.baddbmm(self._local, self._maps, self._boundary_in, alpha=-1, out=self._delta)
+        return self.delta
+
+
+def recursion_block(method: str, T: int, B: int, D: int) -> int:
+    """Block length of a recursion: ``loop`` one block (dense forward substitution) while it fits DENSE_LIMIT,
+    ``scan`` (and ``loop`` beyond the limit) about sqrt(T)."""
+    if method not in RECURSIONS:
+        raise ValueError(f"unknown recursion {method!r}; valid: {', '.join(RECURSIONS)}")
+    if method == "loop" and B * (T * D) ** 2 <= DENSE_LIMIT:
+        return T
+    return math.ceil(math.sqrt(T))
+
+
 def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str = "loop") -> torch.Tensor:
     """All d_{j+1} = A_j d_j + c_j for j = 0..L-1 from d_0 = 0: coupling A (L, B, D, D), offsets c (L, B, D).
 
-    ``loop`` runs the recursion step by step (L small products); ``scan`` composes the affine maps
-    with a doubling (Hillis-Steele) prefix scan: log2(L) rounds of batched products, the form that
-    parallelises on wide hardware. Both return (L, B, D) = d_1..d_L.
+    Returns (L, B, D) = d_1..d_L, through :class:`BlockRecursion` with ``method``'s block length.
     """
-    if method == "loop":
-        out = torch.empty_like(offsets)
-        d = torch.zeros_like(offsets[0])
-        for j in range(offsets.shape[0]):
-            d = (coupling[j] @ d.unsqueeze(-1)).squeeze(-1) + offsets[j]
-            out[j] = d
-        return out
-    A, c = coupling, offsets  # never modified in place: every round builds new tensors
-    shift = 1
-    while shift < A.shape[0]:
-        # Compose map j with the prefix ending at j - shift: x -> A_j (A_p x + c_p) + c_j.
-        c_new = (A[shift:] @ c[:-shift].unsqueeze(-1)).squeeze(-1) + c[shift:]
-        A_new = A[shift:] @ A[:-shift]
-        c = torch.cat([c[:shift], c_new])
-        A = torch.cat([A[:shift], A_new])
-        shift *= 2
-    return c
+    L, B, D = offsets.shape
+    rec = BlockRecursion(L, B, D, recursion_block(method, L, B, D), offsets.dtype, offsets.device)
+    torch.neg(coupling, out=rec.source[:L])
+    rec.offsets.copy_(offsets.unsqueeze(-1))
+    rec.load(torch.ones(1, B, 1, 1, dtype=torch.bool, device=offsets.device))
+    return rec.solve().squeeze(-1).clone()
+
+
+class _Workspace:
+    """Buffers and views of one (schedule, batch, chunk shape) problem, built once and reused by every solve."""
+
+    def __init__(self, schedule: Schedule, B: int, shape: torch.Size, dtype, device, recursion: str, fd: bool):
+        T = schedule.num_steps
+        D = shape.numel()
+        TB = T * B
+        self.T, self.B, self.D, self.shape = T, B, D, shape
+        self.step = RowStep(schedule)
+        # Jacobian rounds evaluate one row per (step, row, direction), then the plain rows: the perturbed rows sit
+        # just before the trajectory in one buffer, so a Jacobian round's network input is a view, copied from nothing.
+        pert = TB * D if fd else 0
+        self._rows = torch.zeros(pert + (T + 1) * B, *shape, dtype=dtype, device=device)
+        self.traj = self._rows[pert:].view(T + 1, B, *shape)
+        self.y_in = self.traj[:-1].view(TB, *shape)  # the network's plain rows: (step j, row b) at j*B + b
+        self.y_out = self.traj[1:].view(T, B, D, 1)
+        self.xi = torch.zeros(T, B, D, 1, dtype=dtype, device=device)
+        self._xi_chunks = self.xi.view(T, B, *shape)
+        self.noise_scale = schedule.noise_scale.view(T, *([1] * (len(shape) + 1)))
+        plain_rows = torch.arange(T, device=device).repeat_interleave(B)
+        self.plain_coef = self.step.coefficients(plain_rows, len(shape) + 1)
+        self.plain_t = schedule.timesteps[plain_rows]
+        self.plain_cond = None  # (TB, C), allocated on the first solve (the condition's width is known then)
+        self._plain_cond_steps = None
+        self.plain_out = torch.zeros(TB, *shape, dtype=dtype, device=device)
+        self.plain_target = self.plain_out.view(T, B, D, 1)
+        self.rec = BlockRecursion(T, B, D, recursion_block(recursion, T, B, D), dtype, device)
+        self.negjac = self.rec.source[:T]  # the solver's Jacobians, negated, live in the recursion's input
+        self.ds = torch.zeros(T, B, D, 1, dtype=dtype, device=device)  # last round's change of every input state
+        self._ds_tail, self._delta_head = self.ds[1:], self.rec.delta[:-1]
+        self.fd = fd
+        if fd:  # finite-difference rounds: one row per (step, row, direction), then the plain rows
+            N = TB * (D + 1)
+            self.fd_in = self._rows[:N]
+            self.fd_pert = self._rows[:pert].view(TB, D, D)
+            self.y_rep = self.traj[:-1].view(TB, 1, D).expand(TB, D, D)
+            self.h_basis = FINITE_DIFFERENCE_STEP * torch.eye(D, dtype=dtype, device=device)
+            fd_rows = torch.cat([plain_rows.repeat_interleave(D), plain_rows])
+            self.fd_coef = self.step.coefficients(fd_rows, len(shape) + 1)
+            self.fd_t = schedule.timesteps[fd_rows]
+            self.fd_out = torch.zeros(N, *shape, dtype=dtype, device=device)
+            self.fd_target = self.fd_out[pert:].view(T, B, D, 1)
+            self.fd_base = self.fd_out[pert:].view(TB, 1, D)
+            self.fd_cols = self.fd_out[:pert].view(TB, D, D)  # [row, direction (in), out]
+            self.negjac_cols = self.negjac.reshape(TB, D, D).transpose(1, 2)
+            self.fd_cond = None
+
+    def start(self, noise: Noise, cond: torch.Tensor, init: torch.Tensor | None, negjac: torch.Tensor | None) -> None:
+        """Load one solve's noise, condition, initial guess and carried Jacobians into the buffers."""
+        T, B, D = self.T, self.B, self.D
+        if init is None:
+            self.traj.copy_(noise.x_T)
+        else:
+            self.traj.copy_(init)
+            self.traj[0].copy_(noise.x_T)
+        torch.mul(self.noise_scale, noise.z, out=self._xi_chunks)
+        if self.plain_cond is None or self.plain_cond.shape[-1] != cond.shape[-1]:
+            self.plain_cond = cond.new_zeros(T * B, cond.shape[-1])
+            self._plain_cond_steps = self.plain_cond.view(T, B, -1)
+            if self.fd:
+                self.fd_cond = cond.new_zeros(T * B * (D + 1), cond.shape[-1])
+                self._fd_cond_pert = self.fd_cond[: T * B * D].view(T, B, D, -1)
+                self._fd_cond_plain = self.fd_cond[T * B * D :].view(T, B, -1)
+                self._plain_cond_rep = self._plain_cond_steps.unsqueeze(2).expand(T, B, D, -1)
+        self._plain_cond_steps.copy_(cond.expand(T, B, -1))
+        if self.fd:
+            self._fd_cond_plain.copy_(self._plain_cond_steps)
+            self._fd_cond_pert.copy_(self._plain_cond_rep)
+        if negjac is not None:
+            self.negjac.copy_(negjac)
 
 
 @dataclass
@@ -154,9 +344,13 @@ class NewtonSolver:
     jacobian: str = "exact"
     tolerance: float = 2e-5  # max |y_{j+1} - step_j(y_j) - xi_j| over every step, normalized units
     step_tolerance: float | None = 1e-4  # exact Jacobians: accept once the estimated remaining error is below this
-    recursion: str = "loop"  # "loop" | "scan": how the linear recursion is solved (see affine_recursion)
+    recursion: str = "loop"  # "loop" | "scan": block length of the linear recursion (see BlockRecursion)
     derivatives: str = "finite_difference"  # | "forward_ad": how Jacobians are computed (see step_jacobians)
+    check_every: int = 1  # read the convergence status from the device every k rounds
+    max_rows: int = 4096  # largest network call of a Jacobian round; more rows are split into calls of this size
     name: str = "newton"
+    exact_warm_start: bool = True
+    _workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.jacobian not in JACOBIAN_STRATEGIES:
@@ -167,8 +361,45 @@ class NewtonSolver:
             raise ValueError(f"newton step_tolerance={self.step_tolerance} must be > 0 (or null to disable)")
         if self.derivatives not in DERIVATIVES:
             raise ValueError(f"unknown derivatives {self.derivatives!r}; valid: {', '.join(DERIVATIVES)}")
-        if self.recursion not in ("loop", "scan"):
-            raise ValueError(f"unknown recursion {self.recursion!r}; valid: loop, scan")
+        if self.recursion not in RECURSIONS:
+            raise ValueError(f"unknown recursion {self.recursion!r}; valid: {', '.join(RECURSIONS)}")
+        if self.check_every < 1:
+            raise ValueError(f"newton check_every={self.check_every} must be >= 1")
+        if self.max_rows < 1:
+            raise ValueError(f"newton max_rows={self.max_rows} must be >= 1")
+
+    def _workspace(self, schedule: Schedule, noise: Noise) -> _Workspace:
+        x = noise.x_T
+        fd = self.derivatives == "finite_difference"
+        key = (repr(schedule.describe()), str(schedule.device), x.shape, x.dtype, str(x.device))
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = _Workspace(schedule, x.shape[0], x.shape[1:], x.dtype, x.device, self.recursion, fd)
+            self._workspaces = {key: ws}  # one shape at a time: a controller solves one shape over and over
+        return ws
+
+    def _network(self, denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n <= self.max_rows:
+            return denoiser(x, t, c)
+        m = self.max_rows
+        return torch.cat([denoiser(x[i : i + m], t[i : i + m], c[i : i + m]) for i in range(0, n, m)])
+
+    def _jacobian_round(self, ws: _Workspace, denoiser: Denoiser, schedule: Schedule) -> torch.Tensor:
+        """Evaluate every step and its Jacobian; writes the negated Jacobians in place, returns step_j(y_j) + xi_j."""
+        if ws.fd:
+            torch.add(ws.y_rep, ws.h_basis, out=ws.fd_pert)
+            eps = self._network(denoiser, ws.fd_in, ws.fd_t, ws.fd_cond)
+            ws.step(ws.fd_in, eps, ws.fd_coef, out=ws.fd_out)
+            torch.div(ws.fd_cols - ws.fd_base, -FINITE_DIFFERENCE_STEP, out=ws.negjac_cols)
+            return ws.fd_target + ws.xi
+        T, B = ws.T, ws.B
+        states = ws.traj[:-1]
+        steps = torch.arange(T, device=states.device)
+        cond = ws.plain_cond[:B]
+        stepped, jac = step_jacobians(denoiser, schedule, states, steps, cond, self.derivatives, self.max_rows)
+        torch.neg(jac, out=ws.negjac)
+        return stepped.reshape(T, B, ws.D, 1) + ws.xi
 
     def solve(
         self,
@@ -178,118 +409,104 @@ class NewtonSolver:
         global_cond: torch.Tensor,
         init: torch.Tensor | None = None,
         budget: Budget | None = None,
-        carry: dict | None = None,
+        carry: SolveState | None = None,
+        trace: RoundHook | None = None,
     ) -> SolveResult:
         check_inputs(schedule, noise, global_cond, init)
+        check_state(carry, schedule, noise)
         T, B = schedule.num_steps, noise.x_T.shape[0]
-        shape = noise.x_T.shape[1:]
-        D = shape.numel()
-        device = noise.x_T.device
         clock = Clock(budget, T)
-        xi = step_noise(schedule, noise)
-        traj = cold_trajectory(noise, T) if init is None else init.clone()
-        traj[0] = noise.x_T
-        steps = torch.arange(T, device=device)
-        levels = torch.arange(T, device=device).view(T, 1)
-
-        jac = None
-        carried = (carry or {}).get("jacobians")
-        if self.jacobian != "exact" and carried is not None and carried.shape == (T, B, D, D):
-            jac = carried.clone()
-        # Per batch row: states y_0..y_frozen are final; rows leave `active` when they converge, so each
-        # row ends after as many rounds as a batch-1 solve of it would take.
-        frozen = torch.zeros(B, dtype=torch.long, device=device)
-        active = torch.ones(B, dtype=torch.bool, device=device)
-        row_iterations = torch.zeros(B, dtype=torch.long, device=device)
-        prev_residual = torch.full((B,), float("inf"), device=device)
-        prev_update = torch.full((B,), float("inf"), device=device)
-        prev_states = prev_stepped = None
-        residual = torch.zeros(B, device=device)
+        ws = self._workspace(schedule, noise)
+        carried = carry.jacobians if isinstance(carry, NewtonState) and self.jacobian != "exact" else None
+        ws.start(noise, global_cond, init, None if carried is None else -carried)
+        have_jacobians = carried is not None
+        exact_estimate = self.jacobian == "exact" and self.step_tolerance is not None
+        # Only quadratic (exact-Jacobian) convergence makes the remaining-error estimate trustworthy: with
+        # chord/Broyden Jacobians it let 50-seed closed loops end up to 5.3e-3 off (reports/closed_loop_gpu/).
+        final = torch.zeros(T, B, 1, 1, dtype=torch.bool, device=noise.x_T.device)  # states known to be exact
+        prev_residual = torch.full((1, B, 1, 1), float("inf"), device=noise.x_T.device)
+        prev_update = torch.full_like(prev_residual, -1.0) if exact_estimate else None  # tol p; -1: no estimate
+        row_rounds: list[int | None] = [None] * B
+        status: list[float] = []
         iterations = nfe = 0
-        stop = "converged"
-        while True:
-            rows = active.nonzero().squeeze(1)
-            lo = int(frozen[rows].min())
-            L, R = T - lo, len(rows)
-            states = traj[lo:, rows][:-1]
-            cond = global_cond[rows]
-            if self.jacobian == "exact" or jac is None:
-                stepped, fresh = step_jacobians(denoiser, schedule, states, steps[lo:], cond, self.derivatives)
-                if jac is None:
-                    jac = torch.zeros(T, B, D, D, device=device, dtype=traj.dtype)
-                jac[lo:, rows] = fresh
-                nfe += L * R * (D + 1)
+        prev_target = None
+        stop = None
+        while stop is None:
+            if self.jacobian == "exact" or not have_jacobians:
+                target = self._jacobian_round(ws, denoiser, schedule)
+                have_jacobians = True
+                nfe += T * B * (ws.D + 1)
             else:
-                stepped, _ = evaluate_steps(denoiser, schedule, states, steps[lo:], cond)
-                nfe += L * R
-                if self.jacobian == "broyden" and prev_states is not None:
-                    jac[lo:, rows] = self._broyden_update(
-                        jac[lo:, rows], states - prev_states[lo:, rows], stepped - prev_stepped[lo:, rows]
-                    )
+                eps = denoiser(ws.y_in, ws.plain_t, ws.plain_cond)
+                ws.step(ws.y_in, eps, ws.plain_coef, out=ws.plain_out)
+                target = ws.plain_target + ws.xi
+                nfe += T * B
+                if self.jacobian == "broyden" and prev_target is not None:
+                    self._broyden_update(ws, target - prev_target)
             iterations += 1
-            row_iterations[rows] = iterations
-            target = stepped + xi[lo:, rows]
-            err = (traj[lo + 1 :, rows] - target).abs().flatten(2).amax(-1)  # (L, R)
-            err = torch.where(levels[lo:] + 1 <= frozen[rows], torch.zeros_like(err), err)  # final states
-            bad = err > self.tolerance
-            residual[rows] = err.amax(0)
-            done = ~bad.any(0)  # every step satisfied: this row has converged
-            # Newton update from each row's first unsatisfied step (its inputs are final, so its new
-            # value is exact); rows whose residual grew take a plain step update (J = 0) instead.
-            first_bad = torch.where(bad.any(0), bad.int().argmax(0), torch.full_like(rows, L))
-            offsets = (target - traj[lo + 1 :, rows]).reshape(L, R, D)
-            from_first_bad = (levels[:L] >= first_bad).unsqueeze(-1)  # (L, R, 1), window-local
-            offsets = torch.where(from_first_bad, offsets, torch.zeros_like(offsets))
-            use_newton = (residual[rows] <= prev_residual[rows]).view(1, R, 1, 1)
-            prev_residual[rows] = residual[rows]
-            coupling = torch.where(use_newton, jac[lo:, rows], torch.zeros_like(jac[lo:, rows]))
-            delta = affine_recursion(coupling, offsets, self.recursion)
-            delta = torch.where(done.view(1, R, 1), torch.zeros_like(delta), delta)
-            traj[lo + 1 :, rows] = traj[lo + 1 :, rows] + delta.view(L, R, *shape)
+            r = target - ws.y_out  # (T, B, D, 1): this round's one-step residuals, and the Newton offsets
+            err = torch.where(final, 0.0, torch.linalg.vector_norm(r, float("inf"), dim=(2, 3), keepdim=True))
+            bad = err > self.tolerance  # a NaN residual is caught by the status below, never passes as converged
+            count = bad.cumsum(0)
+            # Newton update from each row's first unsatisfied step (its inputs are final, so its new value is
+            # exact); rows whose residual grew take a plain step update (J = 0) instead.
+            torch.where(count > 0, r, ws.rec.zero, out=ws.rec.offsets)
+            residual = err.amax(0, keepdim=True)  # (1, B, 1, 1)
+            use = residual <= prev_residual
+            prev_residual = residual
+            ws.rec.load(use)
+            delta = ws.rec.solve()
+            ws.y_out.add_(delta)
+            final = count <= bad  # every step up to the first unsatisfied one is now exact
+            if exact_estimate:
+                # Accepted without another round when the updates contract fast enough: with u this update, p the
+                # last, rate u/p, remaining error ~ u rate / (1 - rate) <= tol <=> tol u + u^2 < tol p.
+                u = torch.linalg.vector_norm(delta, float("inf"), dim=(0, 2, 3), keepdim=True)
+                tol_u = self.step_tolerance * u
+                final = final | (torch.addcmul(tol_u, u, u) < prev_update)
+                prev_update = torch.where(use, tol_u, -1.0)  # tol p; -1: no estimate after a plain step update
+            row_done = final.all(0, keepdim=True)
             if self.jacobian == "broyden":
-                if prev_states is None:
-                    prev_states, prev_stepped = torch.zeros_like(traj[:-1]), torch.zeros_like(traj[:-1])
-                prev_states[lo:, rows], prev_stepped[lo:, rows] = states, stepped
-            frozen[rows] = torch.where(done, frozen[rows], lo + first_bad + 1)
-            # Accepted without another round: every state was rebuilt from final inputs (exact), or the
-            # updates contract fast enough that the estimated remaining error is below step_tolerance.
-            update = delta.abs().flatten(2).amax(-1).amax(0)
-            rate = update / prev_update[rows]  # inf before the second Newton update: no estimate yet
-            contracting = torch.isfinite(prev_update[rows]) & (rate < 1)
-            estimate = torch.where(contracting, update * rate / (1 - rate), torch.full_like(update, float("inf")))
-            prev_update[rows] = torch.where(use_newton.view(R), update, torch.full_like(update, float("inf")))
-            # Only quadratic (exact-Jacobian) convergence makes the estimate trustworthy: with chord/Broyden
-            # Jacobians it let 50-seed closed loops end up to 5.3e-3 off (reports/closed_loop_gpu/).
-            small = estimate <= (self.step_tolerance or 0.0) if self.jacobian == "exact" else torch.zeros_like(done)
-            finished = done | (frozen[rows] >= T) | small
-            active[rows] = ~finished
-            if not bool(active.any()):
-                break
+                ws._ds_tail.copy_(ws._delta_head)
+                prev_target = target
+            if trace is not None:
+                trace(RoundTrace(iterations, ws.traj, residual.view(B), row_done.view(B)))
             reason = clock.exhausted(iterations)
-            if reason is not None:
+            if iterations % self.check_every and reason is None:
+                continue
+            # One host read: per row, the residual while it runs, -1 once it is done, NaN if non-finite.
+            status = read_to_host(torch.minimum(residual, torch.where(row_done, -1.0, float("inf"))))
+            for b, v in enumerate(status):
+                if v < 0 and row_rounds[b] is None:
+                    row_rounds[b] = iterations
+            if any(math.isnan(v) or math.isinf(v) for v in status):
+                stop = "non_finite"
+            elif all(v < 0 for v in status):
+                stop = "converged"
+            else:
                 stop = reason
-                break
         converged = stop == "converged"
+        trajectory = ws.traj.clone()
+        jacobians = -ws.negjac
         return SolveResult(
-            sample=traj[-1],
-            trajectory=traj,
+            sample=trajectory[-1],
+            trajectory=trajectory,
             iterations=iterations,
             nfe=nfe,
             converged=converged,
-            residual=0.0 if converged else float(residual[active].max()),
+            residual=0.0 if converged else max((v for v in status if not v < 0), default=float("nan")),
             wall_time_s=clock.elapsed(),
             stop_reason=stop,
-            extras={"jacobians": jac},
-            row_iterations=row_iterations.tolist(),
+            row_iterations=[n if n is not None else iterations for n in row_rounds],
+            state=NewtonState(trajectory, jacobians),
         )
 
     @staticmethod
-    def _broyden_update(jac: torch.Tensor, ds: torch.Tensor, df: torch.Tensor) -> torch.Tensor:
-        """Good Broyden: J + (df - J ds) ds^T / |ds|^2, per step and batch row."""
-        L, B = ds.shape[:2]
-        s = ds.reshape(L, B, -1, 1)
-        f = df.reshape(L, B, -1, 1)
-        denom = (s * s).sum(dim=(-2, -1), keepdim=True)
-        ok = denom > 1e-20
-        update = (f - jac @ s) @ s.transpose(-1, -2) / denom.clamp(min=1e-20)
-        return jac + torch.where(ok, update, torch.zeros_like(update))
+    def _broyden_update(ws: _Workspace, df: torch.Tensor) -> None:
+        """Good Broyden per step and row, on the negated Jacobians N = -J in place:
+        J + (df - J ds) ds^T / |ds|^2, skipped where |ds|^2 <= 1e-20 (the state did not move)."""
+        ds = ws.ds
+        rb = df + torch.einsum("tbij,tbjx->tbix", ws.negjac, ds)
+        n2 = torch.einsum("tbdx,tbdy->tbxy", ds, ds)
+        inv = (n2 > 1e-20) / n2.clamp(min=1e-20)
+        ws.negjac.sub_(torch.einsum("tbix,tbjx,tbxy->tbij", rb, ds, inv))

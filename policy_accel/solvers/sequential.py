@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -12,9 +12,13 @@ from policy_accel.solvers.base import (
     Clock,
     Denoiser,
     Noise,
+    RoundHook,
     SolveResult,
+    SolveState,
     check_inputs,
+    check_state,
     cold_trajectory,
+    non_finite,
     step_noise,
 )
 from policy_accel.solvers.multistep import solve_multistep
@@ -22,9 +26,14 @@ from policy_accel.solvers.multistep import solve_multistep
 
 @dataclass
 class SequentialSolver:
-    """One network call per step, T sequential rounds. Ignores ``init``: it has nothing to refine."""
+    """One network call per step, T sequential rounds. Ignores ``init``, ``carry`` and ``trace``: it has nothing to
+    refine and no iterates.
+
+    A sample that comes out non-finite ends the solve unconverged (``stop_reason="non_finite"``): one host read.
+    """
 
     name: str = "sequential"
+    exact_warm_start: bool = True
 
     def solve(
         self,
@@ -34,10 +43,12 @@ class SequentialSolver:
         global_cond: torch.Tensor,
         init: torch.Tensor | None = None,
         budget: Budget | None = None,
-        carry: dict | None = None,
+        carry: SolveState | None = None,
+        trace: RoundHook | None = None,
     ) -> SolveResult:
+        check_state(carry, schedule, noise)
         if schedule.is_multistep:  # DPM-Solver++ / UniPC: not a one-step chain (policy_accel/multistep.py)
-            return solve_multistep(denoiser, schedule, noise, global_cond, budget)
+            return _flag_non_finite(solve_multistep(denoiser, schedule, noise, global_cond, budget))
         check_inputs(schedule, noise, global_cond, init)
         T, B = schedule.num_steps, noise.x_T.shape[0]
         clock = Clock(budget, T)
@@ -59,13 +70,22 @@ class SequentialSolver:
                 stop = reason
                 break
             y = y_next
-        return SolveResult(
-            sample=traj[-1],
-            trajectory=traj,
-            iterations=j + 1,
-            nfe=(j + 1) * B,
-            converged=stop == "converged",
-            residual=0.0 if stop == "converged" else float("inf"),
-            wall_time_s=clock.elapsed(),
-            stop_reason=stop,
+        return _flag_non_finite(
+            SolveResult(
+                sample=traj[-1],
+                trajectory=traj,
+                iterations=j + 1,
+                nfe=(j + 1) * B,
+                converged=stop == "converged",
+                residual=0.0 if stop == "converged" else float("inf"),
+                wall_time_s=clock.elapsed(),
+                stop_reason=stop,
+                state=SolveState(traj),
+            )
         )
+
+
+def _flag_non_finite(result: SolveResult) -> SolveResult:
+    if not non_finite(result.sample):
+        return result
+    return replace(result, converged=False, stop_reason="non_finite", residual=float("nan"))
