@@ -48,7 +48,7 @@ import torch
 from policy_accel.errors import CheckpointError, ObservationError
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
-from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, step_noise
+from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState, step_noise
 from policy_accel.solvers.sequential import SequentialSolver
 from policy_accel.warm_starts import FalconConfig, FalconState, RTIConfig, falcon_solve, rti_chain
 
@@ -75,22 +75,6 @@ class InferenceRecord:
     # re-noising itself is not in it (it is labelled by ``PolicyRunner.approximate`` instead).
     deviation: float | None = None
     row_iterations: list[int] | None = None  # rounds per batch row (= a batch-1 solve's count for Newton)
-
-
-def shift_jacobians(jac: torch.Tensor, shift: int, horizon: int) -> torch.Tensor:
-    """Shift per-step Jacobians (T, B, D, D) over a (horizon, A) chunk like the trajectory.
-
-    The overlap keeps its blocks; each new tail position gets the last position's own block.
-    """
-    T, B, D, _ = jac.shape
-    A = D // horizon
-    j = jac.view(T, B, horizon, A, horizon, A)
-    out = torch.zeros_like(j)
-    keep = horizon - shift
-    out[:, :, :keep, :, :keep, :] = j[:, :, shift:, :, shift:, :]
-    for h in range(keep, horizon):
-        out[:, :, h, :, h, :] = j[:, :, -1, :, -1, :]
-    return out.view(T, B, D, D)
 
 
 def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, added_noise: torch.Tensor) -> torch.Tensor:
@@ -158,10 +142,10 @@ class PolicyRunner:
         except TypeError as err:
             raise ValueError(f"bad warm_options for warm_start={warm_start!r}: {err}") from None
         # Warm paradigms' stopping test compares successive iterates: not reliably exact (0.24 off on Can).
-        unreliable_warm_start = warm_start is True and solver.name == "paradigms"
+        unreliable_warm_start = warm_start is True and not solver.exact_warm_start
         if unreliable_warm_start:
             log.warning(
-                "warm-started paradigms is not reliably exact: its stopping test compares successive iterates, "
+                f"warm-started {solver.name} is not reliably exact: its stopping test compares successive iterates, "
                 "which a good guess passes early (measured up to 0.24 off at tau 0.01); its results are labelled "
                 "approximate; prefer solver=newton"
             )
@@ -191,7 +175,7 @@ class PolicyRunner:
         if seed is not None:
             self.generator.manual_seed(seed)
 
-    def _noise_and_init(self, batch: int) -> tuple[Noise, torch.Tensor | None, dict | None]:
+    def _noise_and_init(self, batch: int) -> tuple[Noise, torch.Tensor | None, SolveState | None]:
         """This inference's noise (by the noise policy) and, for an exact warm start, the solver's initial guess."""
         fresh = self.policy.draw_noise(self.schedule, batch, self.generator)
         if self._previous is None or self._previous[1].x_T.shape[0] != batch:
@@ -207,17 +191,16 @@ class PolicyRunner:
             )
         if self.warm_start is not True:  # off, or renoise (which needs no initial trajectory)
             return noise, None, None
-        init = shift_horizon(result.trajectory, shift)
+        # The solver's warm state (trajectory, plus e.g. Newton's Jacobians) shifted by the executed actions.
+        state = (result.state or SolveState(result.trajectory)).shifted(shift)
+        init = state.trajectory
         init[0] = noise.x_T
         if self.tail_fill == "chain":
             keep = horizon - shift
             clean = result.sample[:, -1:, :].expand(-1, shift, -1)
             tail_noise = step_noise(self.schedule, noise)[:, :, keep:, :]
             init[:, :, keep:, :] = tail_chain(self.schedule, clean, noise.x_T[:, keep:, :], tail_noise)
-        carry = {}
-        if result.extras.get("jacobians") is not None:
-            carry["jacobians"] = shift_jacobians(result.extras["jacobians"], shift, horizon)
-        return noise, init, carry
+        return noise, init, state
 
     def _renoised_chain(self, previous_sample: torch.Tensor, noise: Noise) -> tuple[Schedule, Noise]:
         """APPROXIMATE warm start: the shifted previous sample re-noised to the tail's first level, and the tail.

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.runner import PolicyRunner, shift_horizon, shift_jacobians, tail_chain
+from policy_accel.runner import PolicyRunner, shift_horizon, tail_chain
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.solvers import make_solver
 from policy_accel.solvers.base import Noise, step_noise
+from policy_accel.solvers.newton import shift_jacobians
 
 
 @pytest.mark.parametrize(
