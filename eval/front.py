@@ -1,19 +1,29 @@
 """Latency-budget front: for each per-control-step budget, the best sequential sampler that fits against the best
-toolkit configuration (parallel solvers and/or APPROXIMATE re-noised warm starts) that fits.
+toolkit configuration (parallel solvers and/or APPROXIMATE warm starts) that fits, with paired statistics over seeds.
 
     python eval/benchmark.py out_dir=reports/pusht_front_runs 'only=${front}'   # the runs (configs/benchmark.yaml)
     python eval/front.py reports/pusht_front_runs/runs --out reports/pusht_front
 
 Reads every ``<dir>/<run>/results.json`` (as eval/report.py does) and writes ``<out>.json``:
 
-    {"hardware": str, "n_seeds": int,
-     "budgets": {"<ms>": {"sequential": {"name", "overrides", "latency_ms_p50", "score"} | null,
-                          "toolkit":    {"name", "overrides", "latency_ms_p50", "score"} | null}}}
+    {"hardware": str, "n_seeds": int, "pick_seeds": [first, last], "heldout_seeds": [first, last],
+     "budgets": {"<ms>": {"sequential": entry | null, "toolkit": entry | null,
+                          "sequential_by_family": {family: entry},
+                          "diff": float | null, "se": float | null, "n": int,
+                          "heldout": {"sequential": entry | null, "toolkit": entry | null},
+                          "diff_heldout": float | null, "se_heldout": float | null, "n_heldout": int}}}
 
-plus ``<out>.md`` (one row per budget with the score difference) and ``<out>.png`` (score against median latency,
-log x; the sequential front, the exact toolkit front and the front over everything drawn). A configuration "fits"
-a budget when its median batch-1 latency is at most the budget. Toolkit names say "(exact)" or "(approximate)":
-approximate ones are not the sampler's output for any noise and never count toward an exact claim.
+with ``entry = {"name", "family", "overrides", "latency_ms_p50", "score", "se"}``. ``diff`` is the mean over seeds
+of (best toolkit - best sequential) per-seed score, ``se`` its standard error over seeds (paired: the same seeds, so
+the seed-to-seed spread common to both cancels). Picking the best of many configurations on the same seeds it is
+scored on biases ``diff`` upward, so ``heldout`` picks both winners on the first half of the seeds (``pick_seeds``)
+and ``diff_heldout`` / ``se_heldout`` score that pair on the other half only. A configuration "fits" a budget when
+its median batch-1 latency is at most the budget. Toolkit names say "(exact)" or "(approximate)": approximate ones are
+not the sampler's output for any noise and never count toward an exact claim.
+
+Also ``<out>.md`` (one row per budget) and ``<out>.png``: score against median latency (log x) with a standard-error
+bar on every point, one colour per sampler family, the sequential, exact-toolkit and overall fronts; the left panel
+zooms the score axis on where the fronts differ, the right one shows the full range.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -36,10 +47,17 @@ sys.path.insert(0, str(ROOT / "eval"))
 from report import load_results, pareto  # noqa: E402
 
 log = logging.getLogger("front")
-BUDGETS_MS = (5, 10, 20, 40, 80, 160)
+BUDGETS_MS = (5, 7.5, 10, 15, 20, 30, 40, 80, 160)
 EXPERIMENTS = ROOT / "configs" / "experiment"
 # Overrides that choose how a run is executed or where it writes, not which configuration it is.
 RUN_CONTROL = ("seeds", "n_episodes", "start_seed", "env_batch", "threads", "skip_existing", "out_dir", "save_video")
+FAMILY_COLORS = {
+    "DDPM": "tab:gray",
+    "DDIM (leading)": "tab:blue",
+    "DDIM (trailing)": "tab:cyan",
+    "DPM-Solver++ 2M": "tab:orange",
+    "UniPC": "tab:purple",
+}
 
 
 def is_toolkit(row: dict) -> bool:
@@ -90,21 +108,78 @@ def entry_name(row: dict) -> str:
     return f"{name} ({'approximate' if row['approximate'] else 'exact'})"
 
 
-def entry(row: dict | None) -> dict | None:
+def sampler_family(row: dict) -> str:
+    """The sampler family of a run: its recorded schedule (kind, spacing), else guessed from the policy name."""
+    sched = row.get("_schedule") or {}
+    kind = sched.get("kind")
+    if kind is None:
+        name = row["policy"]
+        kind = next((k for k in ("dpmpp2m", "unipc", "ddimtr", "ddim", "ddpm") if name.startswith(k)), "ddpm")
+        spacing = "trailing" if kind == "ddimtr" else None
+        kind = "ddim" if kind == "ddimtr" else kind
+    else:
+        spacing = sched.get("timestep_spacing")
+    if kind == "ddim":
+        return f"DDIM ({spacing or 'leading'})"
+    return {"ddpm": "DDPM", "dpmpp2m": "DPM-Solver++ 2M", "unipc": "UniPC"}.get(kind, kind)
+
+
+def mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and its standard error (sample standard deviation / sqrt n); None where undefined."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def score_on(row: dict, seeds: list[int] | None) -> float:
+    """Mean per-seed score over ``seeds`` (all of the row's seeds when None or when it has no per-seed scores)."""
+    per_seed = row.get("_episode_scores") or {}
+    if seeds is None or not per_seed:
+        return float(row["score"])
+    values = [per_seed[s] for s in seeds if s in per_seed]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def paired_difference(a: dict, b: dict, seeds: list[int] | None = None) -> tuple[float | None, float | None, int]:
+    """Mean over the seeds both rows ran (restricted to ``seeds``) of a's minus b's score, its s.e., and n."""
+    sa, sb = a.get("_episode_scores") or {}, b.get("_episode_scores") or {}
+    common = sorted(set(sa) & set(sb) & (set(seeds) if seeds is not None else set(sa)))
+    mean, se = mean_se([sa[s] - sb[s] for s in common])
+    return mean, se, len(common)
+
+
+def split_seeds(rows: list[dict]) -> tuple[list[int], list[int]]:
+    """The seeds every row ran, in order, halved: the first half picks winners, the second scores them."""
+    sets = [set(r.get("_episode_scores") or {}) for r in rows]
+    common = sorted(set.intersection(*sets)) if sets else []
+    half = len(common) // 2
+    return common[:half], common[half:]
+
+
+def best_within(rows: list[dict], budget_ms: float, seeds: list[int] | None = None) -> dict | None:
+    """The highest-scoring row (on ``seeds``, default all) whose median latency fits the budget (ties: faster)."""
+    fits = [r for r in rows if r["latency_p50_ms"] <= budget_ms]
+    return max(fits, key=lambda r: (score_on(r, seeds), -r["latency_p50_ms"]), default=None)
+
+
+def entry(row: dict | None, seeds: list[int] | None = None) -> dict | None:
     if row is None:
         return None
+    per_seed = row.get("_episode_scores") or {}
+    values = [per_seed[s] for s in (seeds if seeds is not None else sorted(per_seed)) if s in per_seed]
     return {
         "name": entry_name(row),
+        "family": sampler_family(row),
         "overrides": config_overrides(row),
         "latency_ms_p50": float(row["latency_p50_ms"]),
-        "score": float(row["score"]),
+        "score": score_on(row, seeds),
+        "se": mean_se(values)[1],
     }
-
-
-def best_within(rows: list[dict], budget_ms: float) -> dict | None:
-    """The highest-scoring row whose median latency fits the budget (ties: the faster one)."""
-    fits = [r for r in rows if r["latency_p50_ms"] <= budget_ms]
-    return max(fits, key=lambda r: (r["score"], -r["latency_p50_ms"]), default=None)
 
 
 def hardware_of(rows: list[dict]) -> str:
@@ -123,20 +198,45 @@ def n_seeds_of(rows: list[dict]) -> int:
     return min(counts)
 
 
-def front(rows: list[dict], budgets: tuple[int, ...] = BUDGETS_MS) -> dict:
+def budget_key(b: float) -> str:
+    return f"{b:g}"
+
+
+def front(rows: list[dict], budgets: tuple[float, ...] = BUDGETS_MS) -> dict:
     """The front JSON (module docstring) of report rows."""
     if not rows:
         raise ValueError("no runs to build a front from")
     sequential = [r for r in rows if not is_toolkit(r)]
     toolkit = [r for r in rows if is_toolkit(r)]
-    return {
+    pick, held = split_seeds(rows)
+    out = {
         "hardware": hardware_of(rows),
         "n_seeds": n_seeds_of(rows),
-        "budgets": {
-            str(b): {"sequential": entry(best_within(sequential, b)), "toolkit": entry(best_within(toolkit, b))}
-            for b in budgets
-        },
+        "pick_seeds": [pick[0], pick[-1]] if pick else None,
+        "heldout_seeds": [held[0], held[-1]] if held else None,
+        "budgets": {},
     }
+    families = sorted({sampler_family(r) for r in sequential})
+    for b in budgets:
+        seq, tk = best_within(sequential, b), best_within(toolkit, b)
+        diff, se, n = paired_difference(tk, seq) if seq and tk else (None, None, 0)
+        seq_pick = best_within(sequential, b, pick) if pick else None
+        tk_pick = best_within(toolkit, b, pick) if pick else None
+        diff_h, se_h, n_h = paired_difference(tk_pick, seq_pick, held) if seq_pick and tk_pick else (None, None, 0)
+        by_family = {f: entry(best_within([r for r in sequential if sampler_family(r) == f], b)) for f in families}
+        out["budgets"][budget_key(b)] = {
+            "sequential": entry(seq),
+            "toolkit": entry(tk),
+            "sequential_by_family": {f: e for f, e in by_family.items() if e is not None},
+            "diff": diff,
+            "se": se,
+            "n": n,
+            "heldout": {"sequential": entry(seq_pick, held), "toolkit": entry(tk_pick, held)},
+            "diff_heldout": diff_h,
+            "se_heldout": se_h,
+            "n_heldout": n_h,
+        }
+    return out
 
 
 def _cell(e: dict | None) -> str:
@@ -145,49 +245,82 @@ def _cell(e: dict | None) -> str:
     return f"{e['name']}: {e['score']:.3f} @ {e['latency_ms_p50']:.1f} ms"
 
 
+def _pm(mean: float | None, se: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:+.3f}" + (f" ({se:.3f})" if se is not None else "")
+
+
 def write_markdown(result: dict, rows: list[dict], path: Path, image: str, command: str | None) -> None:
     exact_toolkit = [r for r in rows if is_toolkit(r) and not r["approximate"]]
     lines = ["# PushT: best configuration per latency budget", ""]
     if command:
         lines += ["Made by:", "", f"    {command}", ""]
+    pick, held = result["pick_seeds"], result["heldout_seeds"]
     lines += [
         f"Hardware: {result['hardware']}. Score over {result['n_seeds']} seeds; latency = median per control step at "
         "batch 1. A configuration fits a budget when its median latency is at most the budget. Toolkit = parallel "
-        "solvers (exact: the sampler's output for its noise, within tolerance) and re-noised warm starts "
-        "(**approximate**: not the sampler's output for any noise).",
+        "solvers (exact: the sampler's output for its noise, within tolerance) and warm starts (re-noise, RTI-DP, "
+        "Falcon: **approximate**, not the sampler's output for any noise). Difference = best toolkit minus best "
+        "sequential, mean over seeds of the paired per-seed scores (standard error over seeds in brackets). "
+        + (
+            f"Held out: both winners picked on seeds {pick[0]}-{pick[1]}, their difference scored on seeds "
+            f"{held[0]}-{held[1]} only (no best-of-many bias)."
+            if pick and held
+            else "No per-seed scores: no held-out difference."
+        ),
         "",
-        "| budget | best sequential | best toolkit | score difference | best exact toolkit |",
-        "|---|---|---|---|---|",
+        "| budget | best sequential | best toolkit | difference (s.e.) | held-out pick: toolkit vs sequential | "
+        "held-out difference (s.e.) | best exact toolkit |",
+        "|---|---|---|---|---|---|---|",
     ]
     for budget, pair in result["budgets"].items():
         seq, tk = pair["sequential"], pair["toolkit"]
-        diff = f"{tk['score'] - seq['score']:+.3f}" if seq and tk else "–"
+        h = pair["heldout"]
+        picked = f"{h['toolkit']['name']} vs {h['sequential']['name']}" if h["toolkit"] and h["sequential"] else "–"
         exact = entry(best_within(exact_toolkit, float(budget)))
-        lines.append(f"| {budget} ms | {_cell(seq)} | {_cell(tk)} | {diff} | {_cell(exact)} |")
+        lines.append(
+            f"| {budget} ms | {_cell(seq)} | {_cell(tk)} | {_pm(pair['diff'], pair['se'])} | {picked} | "
+            f"{_pm(pair['diff_heldout'], pair['se_heldout'])} | {_cell(exact)} |"
+        )
+    lines += ["", "Best sequential configuration of each family per budget:", ""]
+    families = sorted({f for pair in result["budgets"].values() for f in pair["sequential_by_family"]})
+    lines += ["| budget | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for budget, pair in result["budgets"].items():
+        cells = [_cell(pair["sequential_by_family"].get(f)) for f in families]
+        lines.append(f"| {budget} ms | " + " | ".join(cells) + " |")
     lines += [
         "",
         "All configurations:",
         "",
-        "| configuration | kind | score | p50 ms | overrides |",
-        "|---|---|---|---|---|",
+        "| configuration | family | kind | score (s.e.) | p50 ms | overrides |",
+        "|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["latency_p50_ms"]):
         kind = "sequential" if not is_toolkit(r) else ("approximate" if r["approximate"] else "exact toolkit")
+        e = entry(r)
+        se = f" ({e['se']:.3f})" if e["se"] is not None else ""
         lines.append(
-            f"| {entry_name(r)} | {kind} | {r['score']:.3f} | {r['latency_p50_ms']:.1f} | "
+            f"| {entry_name(r)} | {e['family']} | {kind} | {r['score']:.3f}{se} | {r['latency_p50_ms']:.1f} | "
             f"`{' '.join(config_overrides(r))}` |"
         )
     lines += ["", f"![latency budget front]({image})", ""]
     path.write_text("\n".join(lines))
 
 
+def zoom_range(fronts: list[list[dict]]) -> tuple[float, float]:
+    """Score-axis limits around where the fronts differ: from the lowest front point within 0.2 of the best score
+    (the few-step floor, e.g. 1-step samplers near 0.1, stays in the full-range panel) to just above the best."""
+    scores = [r["score"] for f in fronts for r in f]
+    top = max(scores)
+    low = min(s for s in scores if s >= top - 0.2)
+    margin = max(0.01, 0.08 * (top - low))
+    return low - margin, top + margin
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Score against median latency (log x): every configuration, three fronts (points named), and the budgets."""
-    groups = [
-        ("sequential", [r for r in rows if not is_toolkit(r)], "o", "tab:blue", False),
-        ("toolkit, exact", [r for r in rows if is_toolkit(r) and not r["approximate"]], "s", "tab:green", False),
-        ("toolkit, approximate", [r for r in rows if r["approximate"]], "^", "tab:red", True),
-    ]
+    """Two panels (zoomed, full range): every configuration with an s.e. bar, coloured by sampler family and marked
+    by kind (o sequential, s exact toolkit, ^ hollow approximate), the three fronts, and the budgets."""
     exact_toolkit = [r for r in rows if is_toolkit(r) and not r["approximate"]]
     fronts = [  # hollow rings of growing size mark each front's points, so coinciding fronts stay visible
         ("sequential front", pareto([r for r in rows if not is_toolkit(r)]), "tab:blue", "-", 10),
@@ -195,38 +328,49 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ("overall front (incl. approximate)", pareto(rows), "black", ":", 18),
     ]
     on_a_front = {id(r) for _, f, *_ in fronts for r in f}
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for name, group, marker, color, hollow in groups:
-        if not group:
-            continue
-        ax.scatter(
-            [r["latency_p50_ms"] for r in group],
-            [r["score"] for r in group],
-            s=36,
-            marker=marker,
-            label=name,
-            facecolors="none" if hollow else color,
-            edgecolors=color,
-        )
-        for r in group:  # names on front points only (the report's table lists every configuration)
-            if id(r) in on_a_front:
-                ax.annotate(
-                    entry_name(r), (r["latency_p50_ms"], r["score"]), fontsize=6, xytext=(3, -9),
-                    textcoords="offset points",
+    kinds = [
+        ("sequential", lambda r: not is_toolkit(r), "o", False),
+        ("toolkit, exact", lambda r: is_toolkit(r) and not r["approximate"], "s", False),
+        ("toolkit, approximate", lambda r: r["approximate"], "^", True),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(16, 7), gridspec_kw={"width_ratios": [3, 2]})
+    for panel, ax in enumerate(axes):
+        for family in sorted({sampler_family(r) for r in rows}):
+            color = FAMILY_COLORS.get(family, "tab:red")
+            for kind, test, marker, hollow in kinds:
+                group = [r for r in rows if sampler_family(r) == family and test(r)]
+                if not group:
+                    continue
+                ses = [entry(r)["se"] or 0.0 for r in group]
+                ax.errorbar(
+                    [r["latency_p50_ms"] for r in group], [r["score"] for r in group], yerr=ses, fmt=marker, ms=5,
+                    color=color, mfc="none" if hollow else color, elinewidth=0.8, capsize=2,
+                    label=f"{family}, {kind}",
                 )  # fmt: skip
-    for name, f, color, ls, size in fronts:
-        if f:
-            xs, ys = [r["latency_p50_ms"] for r in f], [r["score"] for r in f]
-            ax.step(xs, ys, where="post", lw=1.2, label=name, color=color, ls=ls, marker="o", ms=size, mfc="none")
-    for b in BUDGETS_MS:
-        ax.axvline(b, color="0.85", lw=0.8, zorder=0)
-        ax.annotate(f"{b} ms", (b, 1), xycoords=("data", "axes fraction"), fontsize=6, color="0.5", xytext=(2, -8),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("median latency per control step, batch 1 (ms, log)")
-    ax.set_ylabel("score (mean max reward)")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=7)
+        for name, f, color, ls, size in fronts:
+            if f:
+                xs, ys = [r["latency_p50_ms"] for r in f], [r["score"] for r in f]
+                ax.step(xs, ys, where="post", lw=1.2, label=name, color=color, ls=ls, marker="o", ms=size, mfc="none")
+        for b in BUDGETS_MS:
+            ax.axvline(b, color="0.85", lw=0.8, zorder=0)
+            ax.annotate(f"{b:g} ms", (b, 1), xycoords=("data", "axes fraction"), fontsize=6, color="0.5",
+                        xytext=(2, -8), textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("median latency per control step, batch 1 (ms, log)")
+        ax.set_ylabel("score (mean max reward), bars: s.e. over seeds")
+        if panel == 0:
+            low, high = zoom_range([f for _, f, *_ in fronts if f])
+            ax.set_ylim(low, high)
+            ax.set_title(f"{title} (zoomed)")
+            named = sorted((r for r in rows if id(r) in on_a_front and low <= r["score"] <= high),
+                           key=lambda r: r["latency_p50_ms"])  # fmt: skip
+            for k, r in enumerate(named):  # alternate above/below so neighbouring names do not overlap
+                ax.annotate(entry_name(r), (r["latency_p50_ms"], r["score"]), fontsize=6,
+                            xytext=(4, 6 if k % 2 else -10), textcoords="offset points")  # fmt: skip
+        else:
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title("full score range")
+            ax.legend(loc="lower right", fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -52,8 +52,13 @@ def label(r: dict) -> str:
     """Short name of a configuration; approximate ones end in "(approx.)"."""
     opts = r.get("solver_options") or {}
     jac = f"[{opts['jacobian']}]" if "jacobian" in opts else ""
+    options = r.get("warm_options") or {}
     if r["warm_start"] == "renoise":
         warm = f" renoise-k{r.get('renoise_steps')}"
+    elif r["warm_start"] == "rti":
+        warm = f" rti-k{options.get('steps')}"
+    elif r["warm_start"] == "falcon":
+        warm = f" falcon-e{options.get('threshold')}"
     else:
         warm = " warm" if r["warm_start"] else ""
     noise = f" {r.get('noise', 'fresh')}" if r.get("noise", "fresh") != "fresh" else ""
@@ -84,6 +89,10 @@ def _row(r: dict) -> dict:
         # Every configuration here solves its sampler's chain exactly (to tolerance) unless it hit a budget.
         "all_converged": r.get("unconverged_inferences", 0) == 0,
         "_latencies": r.get("latencies_ms", []),
+        # per-seed max reward (paired statistics in eval/front.py); results.json without episodes give {}
+        "_episode_scores": {int(e["seed"]): float(e["max_reward"]) for e in r.get("episodes") or []},
+        "_schedule": r.get("schedule"),
+        "_warm_options": r.get("warm_options"),
         "_seeds": r["seeds"],
         "_latency_seeds": r.get("latency_seeds", r["seeds"]),
         "_experiment": r.get("experiment"),

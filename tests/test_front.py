@@ -12,10 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 
-from front import BUDGETS_MS, write_front  # noqa: E402
+from front import BUDGETS_MS, front, write_front  # noqa: E402
 from report import load_results, write_report  # noqa: E402
 
-ENTRY_KEYS = {"name", "overrides", "latency_ms_p50", "score"}
+ENTRY_KEYS = {"name", "family", "overrides", "latency_ms_p50", "score", "se"}
 
 
 def _fake(path: Path, policy: str, solver: str, score: float, p50: float, **extra) -> None:
@@ -54,25 +54,32 @@ def test_front_json_schema_and_choices(tmp_path):
     result = write_front(rows, tmp_path / "pusht_front", command="python eval/benchmark.py ...")
     on_disk = json.loads((tmp_path / "pusht_front.json").read_text())
     assert on_disk == result
-    assert set(result) == {"hardware", "n_seeds", "budgets"}
+    assert set(result) == {"hardware", "n_seeds", "pick_seeds", "heldout_seeds", "budgets"}
     assert result["hardware"] == HW and result["n_seeds"] == 3
-    assert list(result["budgets"]) == [str(b) for b in BUDGETS_MS] == ["5", "10", "20", "40", "80", "160"]
+    assert list(result["budgets"]) == [f"{b:g}" for b in BUDGETS_MS]
+    assert list(result["budgets"]) == ["5", "7.5", "10", "15", "20", "30", "40", "80", "160"]
     for pair in result["budgets"].values():
-        assert set(pair) == {"sequential", "toolkit"}
-        for e in pair.values():
+        assert set(pair) == {
+            "sequential", "toolkit", "sequential_by_family", "diff", "se", "n", "heldout", "diff_heldout",
+            "se_heldout", "n_heldout",
+        }  # fmt: skip
+        assert pair["diff"] is None and pair["diff_heldout"] is None  # these fakes have no per-seed scores
+        for e in (pair["sequential"], pair["toolkit"], *pair["sequential_by_family"].values()):
             assert e is None or (set(e) == ENTRY_KEYS and isinstance(e["overrides"], list))
             assert e is None or (isinstance(e["latency_ms_p50"], float) and isinstance(e["score"], float))
     b = result["budgets"]
-    assert b["5"] == {"sequential": None, "toolkit": None}  # nothing fits 5 ms
+    assert b["5"]["sequential"] is None and b["5"]["toolkit"] is None  # nothing fits 5 ms
     assert b["10"]["sequential"] == {
         "name": "seq_ddim2",
+        "family": "DDIM (leading)",
         "overrides": ["+experiment=seq_ddim2", "task=pusht"],
         "latency_ms_p50": 8.0,
         "score": 0.6,
+        "se": None,
     }  # run-control overrides dropped
     assert b["10"]["toolkit"] == {
-        "name": "renoise_ddim10_k2 (approximate)", "overrides": ["+experiment=renoise_ddim10_k2"],
-        "latency_ms_p50": 9.0, "score": 0.72,
+        "name": "renoise_ddim10_k2 (approximate)", "family": "DDIM (leading)",
+        "overrides": ["+experiment=renoise_ddim10_k2"], "latency_ms_p50": 9.0, "score": 0.72, "se": None,
     }  # fmt: skip
     assert b["20"]["sequential"]["overrides"] == ["+experiment=seq_ddim4"]  # from the benchmark's run directory
     assert b["40"]["sequential"]["name"] == "seq_ddim10" and b["40"]["toolkit"]["name"].endswith("(approximate)")
@@ -87,7 +94,7 @@ def test_front_json_schema_and_choices(tmp_path):
     ]  # rebuilt from the recorded fields
     assert b["160"]["sequential"]["name"] == "seq_ddim10"  # DDPM-100 (300 ms) fits no budget
     md = (tmp_path / "pusht_front.md").read_text()
-    assert "| 10 ms | seq_ddim2: 0.600 @ 8.0 ms | renoise_ddim10_k2 (approximate): 0.720 @ 9.0 ms | +0.120 |" in md
+    assert "| 10 ms | seq_ddim2: 0.600 @ 8.0 ms | renoise_ddim10_k2 (approximate): 0.720 @ 9.0 ms | – |" in md
     assert "| 5 ms | none fits | none fits | – |" in md and "**approximate**" in md
     assert (tmp_path / "pusht_front.png").stat().st_size > 0
 
@@ -152,3 +159,60 @@ def test_exact_rollout_records_approximate_false(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["approximate"] is False and results["warm_start"] is True and results["renoise_steps"] is None
+
+
+def _seeded(path: Path, policy: str, solver: str, p50: float, scores: list[float], **extra) -> None:
+    """A fake run with per-seed scores on seeds 100000.. (what the paired statistics read)."""
+    episodes = [{"seed": 100000 + i, "max_reward": s, "success": s > 0.95, "steps": 1, "inferences": 1}
+                for i, s in enumerate(scores)]  # fmt: skip
+    seeds = [e["seed"] for e in episodes]
+    extra = {"hardware": HW, **extra}
+    _fake(path, policy, solver, sum(scores) / len(scores), p50, seeds=seeds, n_episodes=len(seeds),
+          episodes=episodes, **extra)  # fmt: skip
+
+
+def test_paired_difference_recovers_a_known_shift_with_a_paired_standard_error(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    base = [rng.uniform(0.3, 1.0) for _ in range(200)]  # large seed-to-seed spread, shared by both
+    _seeded(tmp_path / "seq_ddim4", "ddim4", "sequential", 14.0, base)
+    _seeded(tmp_path / "tk", "ddim10", "sequential", 15.0, [b + 0.05 + rng.gauss(0, 0.01) for b in base], **RENOISE)
+    _seeded(tmp_path / "seq_dpmpp2m_4", "dpmpp2m4", "sequential", 13.0, [b - 0.02 for b in base],
+            schedule={"kind": "dpmpp2m", "num_inference_steps": 4})  # fmt: skip
+    result = write_front(load_results([tmp_path]), tmp_path / "f")
+    b20 = result["budgets"]["20"]
+    assert b20["sequential"]["name"] == "seq_ddim4" and b20["toolkit"]["name"].endswith("(approximate)")
+    assert b20["n"] == 200 and abs(b20["diff"] - 0.05) < 3 * b20["se"] and b20["se"] < 0.002
+    assert b20["se"] < b20["sequential"]["se"] / 5  # pairing removes the shared spread
+    assert set(b20["sequential_by_family"]) == {"DDIM (leading)", "DPM-Solver++ 2M"}
+    assert b20["sequential_by_family"]["DPM-Solver++ 2M"]["name"] == "seq_dpmpp2m_4"
+    assert result["pick_seeds"] == [100000, 100099] and result["heldout_seeds"] == [100100, 100199]
+    assert b20["n_heldout"] == 100
+    assert (tmp_path / "f.png").stat().st_size > 0 and "DPM-Solver++ 2M" in (tmp_path / "f.md").read_text()
+
+
+def test_heldout_difference_scores_the_first_half_pick_on_the_second_half_only(tmp_path):
+    seq = [0.6] * 100 + [0.7] * 100
+    lucky = [0.95] * 100 + [0.5] * 100  # best on the picking half, mean 0.725
+    steady = [0.75] * 200  # best over all seeds
+    _seeded(tmp_path / "seq_ddim2", "ddim2", "sequential", 8.0, seq)
+    _seeded(tmp_path / "lucky", "ddim10", "sequential", 9.0, lucky, **RENOISE)
+    _seeded(tmp_path / "steady", "ddim4", "sequential", 9.5, steady, **{**RENOISE, "renoise_steps": 3})
+    b = front(load_results([tmp_path]))["budgets"]["10"]
+    assert b["toolkit"]["name"].startswith("ddim4 ") and b["diff"] == pytest.approx(0.75 - 0.65)
+    assert b["heldout"]["toolkit"]["name"].startswith("ddim10 ")  # not the in-sample winner
+    assert b["heldout"]["toolkit"]["score"] == pytest.approx(0.5)  # scored on the held-out half
+    assert b["diff_heldout"] == pytest.approx(0.5 - 0.7) and b["se_heldout"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_statistics_helpers():
+    from front import mean_se, paired_difference
+
+    assert mean_se([]) == (None, None) and mean_se([2.0]) == (2.0, None)
+    mean, se = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and se == pytest.approx((5 / 3) ** 0.5 / 2)
+    a = {"_episode_scores": {1: 1.0, 2: 0.5, 3: 0.0}}
+    b = {"_episode_scores": {2: 0.25, 3: 0.5, 4: 1.0}}
+    assert paired_difference(a, b) == (pytest.approx(-0.125), pytest.approx(0.375), 2)  # seeds 2, 3 only
+    assert paired_difference(a, b, [3]) == (pytest.approx(-0.5), None, 1)

@@ -70,7 +70,7 @@ def test_interrupted_sweep_keeps_finished_runs_and_reaggregates(tmp_path):
 
 def test_unknown_configuration_name_fails(tmp_path):
     run = subprocess.run(
-        [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim5]"],
+        [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim_missing]"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert run.returncode != 0 and "unknown configurations ['seq_ddim5']" in run.stderr
+    assert run.returncode != 0 and "unknown configurations ['seq_ddim_missing']" in run.stderr
