@@ -11,7 +11,8 @@ state in the window (the triangular structure: state i depends only on those).
 Safeguard: the noisiest state whose one-step residual fails the test, and every noisier state, get
 a plain fixed-point update; that state's inputs have converged, so it becomes exact, and the
 window restarts there. Hence at most T iterations. Convergence test per step:
-``rms(one-step residual) <= max(tol_abs, tol_rel * sigma_j)``.
+``rms(one-step residual) <= max(tol_abs, tol_rel * sigma_j)``; a NaN residual fails it, and a solve whose sample
+comes out non-finite ends unconverged (``stop_reason="non_finite"``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ from policy_accel.solvers.base import (
     Clock,
     Denoiser,
     Noise,
+    RoundHook,
+    RoundTrace,
     SolveResult,
+    SolveState,
     check_inputs,
+    check_state,
     cold_trajectory,
     evaluate_steps,
+    non_finite,
     step_noise,
 )
 
@@ -43,6 +49,7 @@ class ParaTAASolver:
     tol_abs: float = 1e-4
     tol_rel: float = 1e-4
     name: str = "parataa"
+    exact_warm_start: bool = True
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -64,9 +71,11 @@ class ParaTAASolver:
         global_cond: torch.Tensor,
         init: torch.Tensor | None = None,
         budget: Budget | None = None,
-        carry: dict | None = None,
+        carry: SolveState | None = None,
+        trace: RoundHook | None = None,
     ) -> SolveResult:
         check_inputs(schedule, noise, global_cond, init)
+        check_state(carry, schedule, noise)
         T, B = schedule.num_steps, noise.x_T.shape[0]
         D = noise.x_T[0].numel()
         device = noise.x_T.device
@@ -105,8 +114,8 @@ class ParaTAASolver:
 
             one_step = stepped + xi[begin:end] - traj[begin + 1 : end + 1]  # (L, B, D)
             rms = one_step.pow(2).mean(-1).sqrt()  # (L, B)
-            residual = float(one_step.abs().max())
-            unconverged = (rms > threshold[begin:end, None]).any(dim=1).nonzero()
+            residual = one_step.abs().max()  # read once, at the end
+            unconverged = (~(rms <= threshold[begin:end, None])).any(dim=1).nonzero()
             front = int(unconverged[0]) if len(unconverged) else None  # window-local step index
 
             R = self._order_k_residual(traj, stepped, xi, log_a, a, begin, end)  # (L, B, D) for y_{b+1..e}
@@ -124,6 +133,9 @@ class ParaTAASolver:
             if m > 1 and len(hist_x) > 1 and accelerate_from < L:
                 update[accelerate_from:] -= self._anderson(hist_x, hist_r, R, counts, begin, end, accelerate_from)
             traj[begin + 1 : end + 1] += update
+            if trace is not None:
+                view = traj.view(T + 1, *noise.x_T.shape)
+                trace(RoundTrace(iterations, view, one_step.abs().amax(dim=(0, 2)), torch.full((B,), front is None)))
             begin = begin + front + 1 if front is not None else end
             if begin >= T:
                 break
@@ -136,15 +148,18 @@ class ParaTAASolver:
                     traj[end + 1 :] = x0.reshape(B, D)
                 break
         traj = traj.view(T + 1, *noise.x_T.shape)
+        if non_finite(traj[-1]):
+            stop = "non_finite"
         return SolveResult(
             sample=traj[-1],
             trajectory=traj,
             iterations=iterations,
             nfe=nfe,
             converged=stop == "converged",
-            residual=residual,
+            residual=float(residual),
             wall_time_s=clock.elapsed(),
             stop_reason=stop,
+            state=SolveState(traj),
         )
 
     def _order_k_residual(self, traj, stepped, xi, log_a, a, begin: int, end: int) -> torch.Tensor:
