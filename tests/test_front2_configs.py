@@ -1,0 +1,49 @@
+"""Every configuration of the second-round front sweep (configs/benchmark.yaml ``front2``) composes, builds, and is
+classified as the front expects (sequential families exact and sequential; RTI-DP / Falcon approximate)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from policy_accel.experiment import build_session
+
+ROOT = Path(__file__).resolve().parents[1]
+FRONT2 = yaml.safe_load((ROOT / "configs" / "benchmark.yaml").read_text())["front2"]
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        yield lambda name: build_session(compose("rollout", overrides=[f"+experiment={name}", "n_episodes=1"]))
+
+
+def test_front2_covers_every_family_at_one_to_sixteen_steps():
+    for family in ("seq_ddim", "seq_ddimtr_", "seq_dpmpp2m_", "seq_unipc_"):
+        steps = {int(n[len(family) :]) for n in FRONT2 if n.startswith(family) and n[len(family) :].isdigit()}
+        assert steps == {1, 2, 3, 4, 5, 6, 8, 10, 12, 16}, family
+    assert any(n.startswith("rti_") for n in FRONT2) and any(n.startswith("falcon_") for n in FRONT2)
+
+
+@pytest.mark.parametrize("name", FRONT2)
+def test_front2_configuration_builds(sessions, name):
+    session = sessions(name)
+    runner, schedule = session.runner, session.schedule
+    if name.startswith("seq_"):
+        assert session.solver.name == "sequential" and not runner.approximate and session.warm_start is False
+        steps = int(re.search(r"(\d+)(_thresh15)?$", name).group(1))
+        assert schedule.num_steps == steps
+        kind = {"ddimtr": "ddim", "dpmpp2m": "dpmpp2m", "unipc": "unipc"}.get(name.split("_")[1], None)
+        assert kind is None or schedule.config.kind == kind
+        assert ("ddimtr" in name) == (schedule.config.spacing == "trailing")
+        assert ("thresh15" in name) == schedule.config.thresholding
+    if name.startswith(("rti_", "falcon_", "renoise_")):
+        assert runner.approximate
+    if name.startswith("rti_"):
+        assert runner.rti is not None and runner.rti.steps == int(name.split("_k")[-1])
+    if name.startswith("falcon_"):
+        assert runner.falcon is not None and runner.falcon.threshold == float("0." + name.split("_e")[1][:2])
