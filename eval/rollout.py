@@ -50,8 +50,14 @@ from policy_accel.tasks import env_factory  # noqa: E402
 log = logging.getLogger("rollout")
 PROGRESS_FILE = "episodes.partial.json"  # finished episodes of an unfinished run: a re-run resumes from them
 # results.json written before these keys were recorded ran with these values, unless an override said otherwise
-LEGACY_DEFAULTS = {"tail_fill": "repeat", "budget": {"max_iterations": None, "time_ms": None}, "check_exactness": False,
-                   "warm_options": None}  # fmt: skip
+LEGACY_DEFAULTS = {
+    "tail_fill": "repeat",
+    "renoise_steps": None,
+    "warm_options": None,
+    "budget": {"max_iterations": None, "time_ms": None},
+    "check_exactness": False,
+    "device": "cpu",
+}
 LEGACY_OVERRIDE_KEYS = ("budget.", "check_exactness", "policy.schedule", "task.max_episode_steps", "+policy.schedule")
 
 
