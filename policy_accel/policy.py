@@ -12,7 +12,7 @@ import torch
 from policy_accel.errors import ObservationError
 from policy_accel.normalizer import LinearNormalizer
 from policy_accel.schedule import Schedule, ScheduleConfig
-from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult
+from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState
 from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
 
@@ -225,7 +225,7 @@ class DiffusionPolicy:
         noise: Noise,
         init: torch.Tensor | None = None,
         budget: Budget | None = None,
-        carry: dict | None = None,
+        carry: SolveState | None = None,
     ) -> SolveResult:
         """Solve the denoising chain in normalized action space."""
         return solver.solve(self.denoiser, schedule, noise, global_cond, init=init, budget=budget, carry=carry)
