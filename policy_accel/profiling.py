@@ -17,11 +17,17 @@ pass through the dispatcher on a CPU (``tolist``, numpy views), which library co
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from policy_accel.data import load_demonstrations
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # as in policy_accel.solvers.base
 
@@ -103,3 +109,72 @@ class OpCounter(TorchDispatchMode):
                 self._inside_network -= 1
 
         return counted
+
+
+def control_sequences(
+    dataset: str, obs_keys: list[str] | None, n_episodes: int, n_inferences: int, n_action_steps: int
+) -> list[np.ndarray]:
+    """Per dataset episode, the observation histories (n_inferences, 2, obs_dim) a robot would see at its first
+    inferences, one every ``n_action_steps`` frames: real observations for timing and counting solves."""
+    demos = load_demonstrations(dataset, obs_keys)
+    obs = demos["obs"]
+    sequences, start = [], 0
+    for end in demos["episode_ends"][:n_episodes]:
+        frames = [min(start + k * n_action_steps, end - 1) for k in range(n_inferences)]
+        sequences.append(np.stack([np.stack([obs[max(f - 1, start)], obs[f]]) for f in frames]))
+        start = end
+    return sequences
+
+
+@dataclass
+class SolveRecord:
+    """One solve as a :class:`ProfiledSolver` saw it."""
+
+    warm: bool
+    rounds: int
+    solve_s: float
+    network_s: float
+    ops: int | None = None
+    host_reads: int | None = None
+
+
+class ProfiledSolver:
+    """A solver that records each solve it runs: wall time and time inside the network (the device synchronised
+    around each call), or, with ``count=True``, operators and host reads outside the network (:class:`OpCounter`;
+    counting slows the solve, so its times are not kept). It implements the solver protocol, so a
+    :class:`~policy_accel.runner.PolicyRunner` drives it exactly as it drives the solver it wraps."""
+
+    def __init__(self, solver, count: bool = False):
+        self.solver, self.count = solver, count
+        self.name, self.exact_warm_start = solver.name, solver.exact_warm_start
+        self.records: list[SolveRecord] = []
+
+    def solve(self, denoiser: Denoiser, schedule, noise, global_cond, init=None, budget=None, carry=None, trace=None):
+        device = noise.x_T.device
+        network = [0.0]
+
+        def timed(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            _sync(device)
+            start = time.perf_counter()
+            out = denoiser(x, t, c)
+            _sync(device)
+            network[0] += time.perf_counter() - start
+            return out
+
+        counter = OpCounter() if self.count else None
+        _sync(device)
+        start = time.perf_counter()
+        with counter if counter is not None else contextlib.nullcontext():
+            net = counter.wrap(timed) if counter is not None else timed
+            result = self.solver.solve(net, schedule, noise, global_cond, init, budget, carry, trace)
+        _sync(device)
+        record = SolveRecord(init is not None, result.iterations, time.perf_counter() - start, network[0])
+        if counter is not None:
+            record.ops, record.host_reads = counter.ops, counter.host_reads
+        self.records.append(record)
+        return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
