@@ -176,10 +176,13 @@ class BlockRecursion:
 
     The steps are cut into nb blocks of K. Each block is a unit lower block-bidiagonal system in its K*D unknowns,
     solved densely (one batched triangular solve, all blocks side by side) both for its own offsets and for the
-    map from the state entering it; one more triangular solve chains the nb block boundaries, and one batched
-    product fills every state. K = T (one block) is forward substitution, the sequential recursion in one kernel;
-    K ~ sqrt(T) is a two-level parallel scan. Buffers and views are built once: callers write the coupling
-    (negated, into ``source``) and the offsets (``offsets``) in place, then call :meth:`load` and :meth:`solve`.
+    map from the state entering it; one more triangular solve chains the nb block boundaries as affine maps on
+    [g; 1] (so its right-hand side is constant), and one batched product fills every state. K = T (one block) is
+    forward substitution, the sequential recursion in one kernel; K ~ sqrt(T) is a two-level parallel scan.
+
+    Buffers and views are built once. Callers write the coupling negated (-A_j, into ``source``) and the offsets
+    negated (-c_j, into ``offsets``) in place, call :meth:`load` and :meth:`solve`, and get -d: with both signs
+    flipped, every intermediate the boundary system needs is a plain copy.
     """
 
     def __init__(self, T: int, B: int, D: int, block: int, dtype: torch.dtype, device: torch.device):
@@ -202,28 +205,29 @@ class BlockRecursion:
         self._x1 = torch.zeros_like(self._rhs1)
         self.offsets = self._rhs1.view(B, Tp, D, cols)[:, :T, :, cols - 1 :].permute(1, 0, 2, 3)  # (T, B, D, 1)
         if nb > 1:
-            # The state entering block n acts on the block's first state through A_{nK}: written as -A_{nK}, so the
-            # solved entry maps come out negated (they are used so below).
+            # The state entering block n acts on the block's first state through A_{nK}, written as -A_{nK}: with the
+            # offsets negated too, each block's solution [maps | local] is minus the affine map [Phi | l] from its
+            # entering state g to its states (d = Phi g + l).
             self._entry = self._rhs1.view(B, nb, K, D, cols)[:, :, 0, :, :D].permute(1, 0, 2, 3)  # (nb, B, D, D)
             self._src_entry = src[:, 0]
-            last = self._x1.view(B, nb, K, D, cols)[:, :, K - 1]  # (B, nb, D, cols): each block's last state
-            M = nb - 1
-            self._m2 = torch.zeros(B, M * D, M * D, **zeros)
-            self._m2_sub = torch.diagonal(self._m2.view(B, M, D, M, D), offset=-1, dim1=1, dim2=3)  # (B, D, D, M-1)
-            self._last_map = last[:, 1:M, :, :D].permute(0, 2, 3, 1)  # (B, D, D, M-1): -(maps of blocks 1..nb-2)
-            self._rhs2 = torch.zeros(B, M * D, 1, **zeros)
-            self._rhs2_blocks = self._rhs2.view(B, M, D)
-            self._last_offset = last[:, :M, :, D]  # (B, M, D)
-            self._boundary = torch.zeros(B, nb, D, **zeros)  # state entering each block; block 0's is d_0 = 0
-            self._boundary_out = self._boundary[:, 1:].reshape(B, M * D, 1)
-            flat = self._x1.view(B * nb, K * D, cols)
-            self._maps, self._local = flat[..., :D], flat[..., D:]
+            last = self._x1.view(B, nb, K, D, cols)[:, :, K - 1]  # (B, nb, D, D+1): -(map to each block's last state)
+            # Boundaries as [g_n; 1], n = 0..nb-1: [g_0; 1] = e, [g_n; 1] - [[Phi, l], [0, 1]]_{n-1} [g_{n-1}; 1] = 0.
+            E = D + 1
+            self._m2 = torch.zeros(B, nb * E, nb * E, **zeros)
+            sub = torch.diagonal(self._m2.view(B, nb, E, nb, E), offset=-1, dim1=1, dim2=3)  # (B, E, E, nb-1)
+            sub[:, D, D].fill_(-1.0)
+            self._m2_sub = sub[:, :D]  # (B, D, D+1, nb-1) <- -[Phi, l] of blocks 0..nb-2
+            self._last_map = last[:, : nb - 1].permute(0, 2, 3, 1)
+            self._rhs2 = torch.zeros(B, nb * E, 1, **zeros)
+            self._rhs2.view(B, nb, E)[:, 0, D] = 1.0
+            self._boundary = torch.zeros(B * nb, E, 1, **zeros)  # [g_n; 1] per (row, block)
+            self._boundary_out = self._boundary.view(B, nb * E, 1)
+            self._states = self._x1.view(B * nb, K * D, cols)
             self._delta = torch.zeros(B * nb, K * D, 1, **zeros)
-            self._boundary_in = self._boundary.view(B * nb, D, 1)
             delta = self._delta.view(B, Tp, D, 1)
         else:
             delta = self._x1.view(B, Tp, D, 1)
-        self.delta = delta[:, :T].permute(1, 0, 2, 3)  # (T, B, D, 1)
+        self.delta = delta[:, :T].permute(1, 0, 2, 3)  # (T, B, D, 1): -d_1..-d_T
 
     def load(self, use: torch.Tensor) -> None:
         """Write the coupling from ``source`` into the systems, zeroed for rows where ``use`` (1, B, 1, 1) is False."""
@@ -233,14 +237,12 @@ class BlockRecursion:
             torch.where(use, self._src_entry, self.zero, out=self._entry)
 
     def solve(self) -> torch.Tensor:
-        """d_1..d_T as a (T, B, D, 1) view of a buffer this object reuses."""
+        """-d_1..-d_T (for offsets -c) as a (T, B, D, 1) view of a buffer this object reuses."""
         torch.linalg.solve_triangular(self._m1, self._rhs1, upper=False, unitriangular=True, out=self._x1)
         if self.nb > 1:
-            if self.nb > 2:
-                self._m2_sub.copy_(self._last_map)  # -(-map): the boundary system's coupling is -map
-            self._rhs2_blocks.copy_(self._last_offset)
+            self._m2_sub.copy_(self._last_map)
             torch.linalg.solve_triangular(self._m2, self._rhs2, upper=False, unitriangular=True, out=self._boundary_out)
-            torch.baddbmm(self._local, self._maps, self._boundary_in, alpha=-1, out=self._delta)
+            torch.bmm(self._states, self._boundary, out=self._delta)  # -(Phi g + l) = [maps | local] [g; 1]
         return self.delta
 
 
@@ -262,9 +264,9 @@ def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str 
     L, B, D = offsets.shape
     rec = BlockRecursion(L, B, D, recursion_block(method, L, B, D), offsets.dtype, offsets.device)
     torch.neg(coupling, out=rec.source[:L])
-    rec.offsets.copy_(offsets.unsqueeze(-1))
+    torch.neg(offsets.unsqueeze(-1), out=rec.offsets)
     rec.load(torch.ones(1, B, 1, 1, dtype=torch.bool, device=offsets.device))
-    return rec.solve().squeeze(-1).clone()
+    return -rec.solve().squeeze(-1)
 
 
 class _Workspace:
@@ -281,6 +283,7 @@ class _Workspace:
         pert = TB * D if fd else 0
         self._rows = torch.zeros(pert + (T + 1) * B, *shape, dtype=dtype, device=device)
         self.traj = self._rows[pert:].view(T + 1, B, *shape)
+        self.traj0 = self.traj[0]
         self.y_in = self.traj[:-1].view(TB, *shape)  # the network's plain rows: (step j, row b) at j*B + b
         self.y_out = self.traj[1:].view(T, B, D, 1)
         self.xi = torch.zeros(T, B, D, 1, dtype=dtype, device=device)
@@ -295,7 +298,7 @@ class _Workspace:
         self.plain_target = self.plain_out.view(T, B, D, 1)
         self.rec = BlockRecursion(T, B, D, recursion_block(recursion, T, B, D), dtype, device)
         self.negjac = self.rec.source[:T]  # the solver's Jacobians, negated, live in the recursion's input
-        self.ds = torch.zeros(T, B, D, 1, dtype=dtype, device=device)  # last round's change of every input state
+        self.ds = torch.zeros(T, B, D, 1, dtype=dtype, device=device)  # minus last round's change of each input state
         self._ds_tail, self._delta_head = self.ds[1:], self.rec.delta[:-1]
         self.fd = fd
         if fd:  # finite-difference rounds: one row per (step, row, direction), then the plain rows
@@ -321,20 +324,24 @@ class _Workspace:
             self.traj.copy_(noise.x_T)
         else:
             self.traj.copy_(init)
-            self.traj[0].copy_(noise.x_T)
+            self.traj0.copy_(noise.x_T)
         torch.mul(self.noise_scale, noise.z, out=self._xi_chunks)
-        if self.plain_cond is None or self.plain_cond.shape[-1] != cond.shape[-1]:
-            self.plain_cond = cond.new_zeros(T * B, cond.shape[-1])
-            self._plain_cond_steps = self.plain_cond.view(T, B, -1)
+        if B == 1:  # every row has the one condition: views, no copies
+            self.plain_cond = cond.expand(T, -1)
+            self.fd_cond = cond.expand(T * (D + 1), -1) if self.fd else None
+        else:
+            if self.plain_cond is None or self.plain_cond.shape[-1] != cond.shape[-1]:
+                self.plain_cond = cond.new_zeros(T * B, cond.shape[-1])
+                self._plain_cond_steps = self.plain_cond.view(T, B, -1)
+                if self.fd:
+                    self.fd_cond = cond.new_zeros(T * B * (D + 1), cond.shape[-1])
+                    self._fd_cond_pert = self.fd_cond[: T * B * D].view(T, B, D, -1)
+                    self._fd_cond_plain = self.fd_cond[T * B * D :].view(T, B, -1)
+                    self._plain_cond_rep = self._plain_cond_steps.unsqueeze(2).expand(T, B, D, -1)
+            self._plain_cond_steps.copy_(cond.expand(T, B, -1))
             if self.fd:
-                self.fd_cond = cond.new_zeros(T * B * (D + 1), cond.shape[-1])
-                self._fd_cond_pert = self.fd_cond[: T * B * D].view(T, B, D, -1)
-                self._fd_cond_plain = self.fd_cond[T * B * D :].view(T, B, -1)
-                self._plain_cond_rep = self._plain_cond_steps.unsqueeze(2).expand(T, B, D, -1)
-        self._plain_cond_steps.copy_(cond.expand(T, B, -1))
-        if self.fd:
-            self._fd_cond_plain.copy_(self._plain_cond_steps)
-            self._fd_cond_pert.copy_(self._plain_cond_rep)
+                self._fd_cond_plain.copy_(self._plain_cond_steps)
+                self._fd_cond_pert.copy_(self._plain_cond_rep)
         if negjac is not None:
             self.negjac.copy_(negjac)
 
@@ -444,7 +451,7 @@ class NewtonSolver:
                 if self.jacobian == "broyden" and prev_target is not None:
                     self._broyden_update(ws, target - prev_target)
             iterations += 1
-            r = target - ws.y_out  # (T, B, D, 1): this round's one-step residuals, and the Newton offsets
+            r = ws.y_out - target  # (T, B, D, 1): minus this round's one-step residuals, the (negated) Newton offsets
             err = torch.where(final, 0.0, torch.linalg.vector_norm(r, float("inf"), dim=(2, 3), keepdim=True))
             bad = err > self.tolerance  # a NaN residual is caught by the status below, never passes as converged
             count = bad.cumsum(0)
@@ -455,8 +462,8 @@ class NewtonSolver:
             use = residual <= prev_residual
             prev_residual = residual
             ws.rec.load(use)
-            delta = ws.rec.solve()
-            ws.y_out.add_(delta)
+            delta = ws.rec.solve()  # minus the update
+            ws.y_out.sub_(delta)
             final = count <= bad  # every step up to the first unsatisfied one is now exact
             if exact_estimate:
                 # Accepted without another round when the updates contract fast enough: with u this update, p the
@@ -504,9 +511,10 @@ class NewtonSolver:
     @staticmethod
     def _broyden_update(ws: _Workspace, df: torch.Tensor) -> None:
         """Good Broyden per step and row, on the negated Jacobians N = -J in place:
-        J + (df - J ds) ds^T / |ds|^2, skipped where |ds|^2 <= 1e-20 (the state did not move)."""
-        ds = ws.ds
-        rb = df + torch.einsum("tbij,tbjx->tbix", ws.negjac, ds)
-        n2 = torch.einsum("tbdx,tbdy->tbxy", ds, ds)
+        J + (df - J ds) ds^T / |ds|^2, skipped where |ds|^2 <= 1e-20 (the state did not move). The buffer holds
+        s = -ds (the recursion returns minus the update), so N + (df - N s) s^T / |s|^2 is the same update."""
+        s = ws.ds
+        rb = df - torch.einsum("tbij,tbjx->tbix", ws.negjac, s)
+        n2 = torch.einsum("tbdx,tbdy->tbxy", s, s)
         inv = (n2 > 1e-20) / n2.clamp(min=1e-20)
-        ws.negjac.sub_(torch.einsum("tbix,tbjx,tbxy->tbij", rb, ds, inv))
+        ws.negjac.add_(torch.einsum("tbix,tbjx,tbxy->tbij", rb, s, inv))
