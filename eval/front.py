@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -42,9 +41,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
 
-from report import load_results, pareto  # noqa: E402
+from policy_accel.results import load_results, pareto  # noqa: E402
 
 log = logging.getLogger("front")
 BUDGETS_MS = (5, 7.5, 10, 15, 20, 30, 40, 80, 160)

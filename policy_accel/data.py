@@ -1,12 +1,16 @@
-"""Demonstration datasets (Diffusion Policy's zarr replay buffer, robomimic's hdf5) and padded
-sequence windows for training."""
+"""Demonstration datasets (Diffusion Policy's zarr replay buffer, robomimic's hdf5), padded sequence windows for
+training, and a task's dataset built from its config (:func:`build_dataset`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def load_replay_buffer(path: str | Path) -> dict[str, np.ndarray]:
@@ -118,3 +122,14 @@ class SequenceDataset(torch.utils.data.Dataset):
         idx = start[:, None] + torch.arange(self.horizon)[None]
         idx = torch.maximum(torch.minimum(idx, ep_end[:, None] - 1), ep_start[:, None])
         return self.obs[idx[:, : self.n_obs_steps]], self.action[idx]
+
+
+def build_dataset(task: DictConfig, max_episodes: int | None) -> tuple[SequenceDataset, np.ndarray, np.ndarray]:
+    """A task config's (``configs/task/``) training windows and its raw observations and actions, from its first
+    ``max_episodes`` episodes (all when None): training and the offline solver benchmark read the same data."""
+    demos = load_demonstrations(task.dataset, task.get("obs_keys"))
+    obs, action, ends = demos["obs"], demos["action"], demos["episode_ends"]
+    if max_episodes is not None:
+        ends = ends[:max_episodes]
+        obs, action = obs[: ends[-1]], action[: ends[-1]]
+    return SequenceDataset(obs, action, ends, task.horizon, task.n_obs_steps, task.n_action_steps), obs, action

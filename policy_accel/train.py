@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from policy_accel.checkpoint import save_policy
-from policy_accel.data import SequenceDataset, load_demonstrations
+from policy_accel.data import build_dataset
 from policy_accel.errors import report_user_errors
 from policy_accel.experiment import cfg_float, cfg_int
 from policy_accel.normalizer import LinearNormalizer
@@ -40,15 +40,6 @@ def ema_decay(step: int, power: float, max_value: float) -> float:
     if step <= 0:
         return 0.0
     return min(max_value, 1 - (1 + step) ** -power)
-
-
-def build_dataset(task: DictConfig, max_episodes: int | None) -> tuple[SequenceDataset, np.ndarray, np.ndarray]:
-    demos = load_demonstrations(task.dataset, task.get("obs_keys"))
-    obs, action, ends = demos["obs"], demos["action"], demos["episode_ends"]
-    if max_episodes is not None:
-        ends = ends[:max_episodes]
-        obs, action = obs[: ends[-1]], action[: ends[-1]]
-    return SequenceDataset(obs, action, ends, task.horizon, task.n_obs_steps, task.n_action_steps), obs, action
 
 
 def train(cfg: DictConfig) -> Path:

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
+from policy_accel.results import load_results, pareto
 
-from report import load_results, pareto  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fake_results(path: Path, policy: str, solver: str, score: float, p50: float) -> None:
@@ -42,7 +41,7 @@ def test_unfinished_and_invalid_runs_are_skipped_with_a_warning(tmp_path, caplog
     (tmp_path / "3").mkdir()
     (tmp_path / "3" / "results.json").write_text('{"policy": "ddi')  # cut off mid-write
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # files beside the run directories are ignored
-    with caplog.at_level("WARNING", logger="report"):
+    with caplog.at_level("WARNING", logger="policy_accel.results"):
         rows = load_results([tmp_path, tmp_path / "missing"])
     assert [r["policy"] for r in rows] == ["ddim4"]
     text = caplog.text
