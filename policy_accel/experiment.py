@@ -202,8 +202,11 @@ def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) 
         )
 
 
-def build_session(cfg: DictConfig, *, check_task: bool = True) -> Session:
+def build_session(cfg: DictConfig, *, check_task: bool = True, policy: DiffusionPolicy | None = None) -> Session:
     """Check every run option of ``cfg`` and build the policy, sampler, solver and runner it describes.
+
+    ``policy``: an already-loaded policy to run instead of loading ``policy.path`` / ``checkpoint`` again (a timing
+    tool that runs many configurations on one network, e.g. eval/latency.py's original-size U-Net).
 
     Raises :class:`~policy_accel.errors.ConfigError` (a bad value: names the key) or
     :class:`~policy_accel.errors.CheckpointError` (a bad checkpoint: names the file) before anything runs.
@@ -230,7 +233,8 @@ def build_session(cfg: DictConfig, *, check_task: bool = True) -> Session:
         raise ConfigError(f"solver.options={options!r} is not allowed for solver {solver_name!r}: {err}") from None
 
     torch.set_num_threads(threads)
-    policy = load_policy(checkpoint, device=device, trust_pickle=trust_pickle)
+    if policy is None:
+        policy = load_policy(checkpoint, device=device, trust_pickle=trust_pickle)
     if check_task:
         check_task_dims(policy, cfg.task, checkpoint)
     overrides = _get(cfg, "policy.schedule") or {}
