@@ -1,25 +1,26 @@
-"""Measured cost model: the denoiser call at every batch size, each sampler's latency per inference
+"""Measured cost model: the denoiser call at every batch size, each named configuration's latency per inference
 at batch 1, and how much of it is spent outside the network.
 
     python eval/latency.py                                            # this CPU, committed PushT checkpoint
     python eval/latency.py device=cuda cuda_graphs=true               # a GPU, with CUDA graphs
     python eval/latency.py device=cuda cuda_graphs=true model=dp_original   # DP's original-size U-Net
+    python eval/latency.py 'configurations=[seq_ddim10,newton_broyden_warm]'   # any configs/experiment/ names
 
-Sampler latencies come from closed-loop-like sequences: the task dataset's episodes, one inference
-every ``n_action_steps`` frames, through the same PolicyRunner the rollouts use (so warm starts see
-a shifted previous trajectory and a new observation). Each configuration runs twice: a timed pass,
-and a profiled pass that also times every network call (synchronising the device around it) to
-split the latency into network and everything else. Writes ``latency.json`` and ``latency.md``.
+Configurations are named configurations (``configs/experiment/<name>.yaml``, policy_accel/configurations.py), each
+built by ``build_session`` on the one network timed here (``checkpoint``, or ``model=dp_original``) with this
+run's task, device and threads, and ``check_exactness`` off (its untimed reference solve would count as network
+time). Latencies come from closed-loop-like sequences: the task dataset's episodes, one inference every
+``n_action_steps`` frames, through the session's PolicyRunner as in a rollout (so warm starts see a shifted
+previous trajectory and a new observation). Each configuration runs twice: a timed pass, and a profiled pass that
+also times every network call (synchronising the device around it) to split the latency into network and
+everything else. Writes ``latency.json`` and ``latency.md``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
-import sys
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
@@ -27,29 +28,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from policy_accel.checkpoint import load_policy  # noqa: E402
-from policy_accel.data import load_demonstrations  # noqa: E402
-from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
-from policy_accel.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
-from policy_accel.runner import PolicyRunner  # noqa: E402
-from policy_accel.solvers import make_solver  # noqa: E402
-from policy_accel.unet import ConditionalUnet1D, UNetConfig  # noqa: E402
+from policy_accel.checkpoint import load_policy
+from policy_accel.configurations import build_configuration, check_names
+from policy_accel.errors import ConfigError, report_user_errors
+from policy_accel.experiment import Session, prepare_out_dir
+from policy_accel.hardware import hardware
+from policy_accel.policy import DiffusionPolicy, PolicyConfig
+from policy_accel.profiling import control_sequences
+from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
 log = logging.getLogger("latency")
-
-
-def hardware(device: torch.device, threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = f"{names[0]} ({len(names)} logical cores)" if names else cpu
-    text = f"CPU: {cpu}, torch {torch.__version__}, {threads} intra-op threads"
-    if device.type == "cuda":
-        text = f"GPU: {torch.cuda.get_device_name(device)}; {text}"
-    return text
 
 
 def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
@@ -71,18 +59,6 @@ def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
     if cfg.cuda_graphs:
         policy.use_cuda_graphs()
     return policy
-
-
-def control_sequences(task: DictConfig, n_episodes: int, n_inferences: int, n_action_steps: int) -> list[np.ndarray]:
-    """Per dataset episode, the observation histories a robot would see at its first inferences."""
-    demos = load_demonstrations(task.dataset, task.get("obs_keys"))
-    obs = demos["obs"]
-    sequences, start = [], 0
-    for end in demos["episode_ends"][:n_episodes]:
-        frames = [min(start + k * n_action_steps, end - 1) for k in range(n_inferences)]
-        sequences.append(np.stack([np.stack([obs[max(f - 1, start)], obs[f]]) for f in frames]))
-        start = end
-    return sequences
 
 
 class NetworkTimer:
@@ -138,12 +114,10 @@ def time_network(policy: DiffusionPolicy, batches: list[int], repeats: int) -> d
     return out
 
 
-def run_configuration(policy, spec: dict, sequences, device, profile: bool) -> list[tuple]:
+def run_configuration(session: Session, sequences: list[np.ndarray], profile: bool) -> list[tuple]:
     """(warm, latency ms, network ms, rounds, network evaluations, call batch sizes) for every inference."""
-    schedule = policy.schedule(**spec.get("schedule", {}))
-    solver = make_solver(spec["solver"], **spec.get("options", {}))
-    runner = PolicyRunner(policy, solver, schedule, warm_start=spec.get("warm_start", False), noise=spec["noise"])
-    timer = NetworkTimer(policy._forward, device)
+    policy, runner = session.policy, session.runner
+    timer = NetworkTimer(policy._forward, policy.device)
     if profile:
         policy._forward = timer
     rows = []
@@ -159,6 +133,19 @@ def run_configuration(policy, spec: dict, sequences, device, profile: bool) -> l
     finally:
         policy._forward = timer.forward
     return rows
+
+
+def describe(name: str, cfg: DictConfig, session: Session) -> dict:
+    """What a configuration ran, recorded beside its figures (``spec`` in latency.json)."""
+    return {
+        "experiment": name,
+        "solver": session.solver.name,
+        "options": OmegaConf.to_container(cfg.solver.options, resolve=True),
+        "schedule": OmegaConf.to_container(cfg.policy.schedule, resolve=True),
+        "warm_start": session.warm_start,
+        "noise": session.runner.noise,
+        "approximate": session.runner.approximate,
+    }
 
 
 def summarize(timed: list, profiled: list, warm: bool, network_ms: dict[str, float]) -> dict:
@@ -184,13 +171,18 @@ def summarize(timed: list, profiled: list, warm: bool, network_ms: dict[str, flo
 @hydra.main(config_path="../configs", config_name="latency", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    names = check_names(list(cfg.configurations))
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     policy = build_policy(cfg, device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Every configuration is checked and built before the first is timed: a bad one fails in seconds, not later.
+    shared = {"task": cfg.task, "checkpoint": cfg.checkpoint, "device": cfg.device, "threads": cfg.threads}
+    sessions = {
+        name: build_configuration(name, values={**shared, "check_exactness": False}, policy=policy) for name in names
+    }
+    out_dir = prepare_out_dir(cfg.out_dir)
     result = {
         "hardware": hardware(device, cfg.threads),
         "device": str(device),
@@ -202,19 +194,17 @@ def main(cfg: DictConfig) -> None:
         "samplers": {},
     }
     log.info("%s; network ms by batch: %s", result["hardware"], result["network_ms"])
-    # A sampler set to null on the command line (samplers.newton_exact=null) is skipped.
-    specs = {k: v for k, v in OmegaConf.to_container(cfg.samplers).items() if v is not None}
-    for k in cfg.ddim_steps:
-        specs[f"seq_ddim{k}"] = {"solver": "sequential", "schedule": {"kind": "ddim", "num_inference_steps": k}}
-    sequences = control_sequences(cfg.task, cfg.n_episodes, cfg.n_inferences, policy.config.n_action_steps)
-    for name, spec in tqdm(specs.items(), desc="latency", dynamic_ncols=True):
-        spec = {"noise": "fresh", **spec}
-        run_configuration(policy, spec, sequences[:1], device, profile=False)  # warm-up (graphs, caches)
-        timed = run_configuration(policy, spec, sequences, device, profile=False)
-        profiled = run_configuration(policy, spec, sequences, device, profile=True)
-        warm = spec.get("warm_start", False)
-        result["samplers"][name] = {"spec": spec, **summarize(timed, profiled, warm, result["network_ms"])}
-        log.info("%s: %s", name, {k: round(v, 3) for k, v in result["samplers"][name].items() if k != "spec"})
+    task = cfg.task
+    sequences = control_sequences(
+        task.dataset, task.get("obs_keys"), cfg.n_episodes, cfg.n_inferences, policy.config.n_action_steps
+    )
+    for name, (run_cfg, session) in tqdm(sessions.items(), desc="latency", dynamic_ncols=True):
+        run_configuration(session, sequences[:1], profile=False)  # warm-up (graphs, caches)
+        timed = run_configuration(session, sequences, profile=False)
+        profiled = run_configuration(session, sequences, profile=True)
+        summary = summarize(timed, profiled, session.warm_start is not False, result["network_ms"])
+        result["samplers"][name] = {"spec": describe(name, run_cfg, session), **summary}
+        log.info("%s: %s", name, {k: round(v, 3) for k, v in summary.items()})
         (out_dir / "latency.json").write_text(json.dumps(result, indent=1))
     (out_dir / "latency.md").write_text(markdown(result))
     print(markdown(result))

@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_latency_report_has_the_cost_model_fields(tmp_path):
-    drop = ["paradigms", "parataa", "newton_broyden", "newton_exact", "newton_chord_warm", "newton_exact_warm"]
     cmd = [
         sys.executable,
         "eval/latency.py",
@@ -23,8 +22,7 @@ def test_latency_report_has_the_cost_model_fields(tmp_path):
         "repeats=2",
         "n_episodes=1",
         "n_inferences=3",
-        "ddim_steps=[2]",
-        *[f"samplers.{name}=null" for name in drop],
+        "configurations=[seq_ddpm100,newton_broyden_warm,seq_ddim2]",
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "latency.json").read_text())
@@ -36,9 +34,21 @@ def test_latency_report_has_the_cost_model_fields(tmp_path):
     assert report["samplers"]["seq_ddpm100"]["iterations_mean"] == 100
     assert report["samplers"]["newton_broyden_warm"]["n"] == 2  # warm rows only: the first inference is cold
     assert "| seq_ddim2 |" in (tmp_path / "latency.md").read_text()
+    # each row records the named configuration it ran, as configs/experiment/ defines it
+    warm = report["samplers"]["newton_broyden_warm"]["spec"]
+    assert warm["experiment"] == "newton_broyden_warm" and warm["solver"] == "newton" and warm["warm_start"] is True
+    assert warm["options"]["jacobian"] == "broyden" and warm["noise"] == "coupled"
+    assert report["samplers"]["seq_ddim2"]["spec"]["schedule"] == {"kind": "ddim", "num_inference_steps": 2}
     # sequential DDPM-100 makes 100 batch-1 calls: its cost-model time is 100 measured batch-1 calls
     seq = report["samplers"]["seq_ddpm100"]
     assert seq["cost_model_ms_p50"] == pytest.approx(100 * report["network_ms"]["1"])
+
+
+def test_unknown_configuration_fails_before_anything_is_timed(tmp_path):
+    cmd = [sys.executable, "eval/latency.py", f"out_dir={tmp_path}", "configurations=[seq_ddim10,seq_ddim_missing]"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "unknown configurations ['seq_ddim_missing']" in run.stderr
+    assert not (tmp_path / "latency.json").exists()
 
 
 def test_cost_model_prices_calls_at_the_measured_fixed_batch_times():
