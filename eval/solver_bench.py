@@ -1,20 +1,23 @@
-"""Offline solver benchmark: every solver on the same noise as the sequential sampler, batch 1.
+"""Offline solver benchmark: named configurations solving the sequential sampler's chain on its noise, batch 1.
 
     python eval/solver_bench.py                 # DDPM-100, 100 PushT dataset observations
     python eval/solver_bench.py policy=ddim16 n_obs=20
+    python eval/solver_bench.py 'configurations=[paradigms,newton_broyden_cold]'
 
-For each observation history (drawn from the task's dataset) one noise is drawn; the sequential
-baseline and every configuration solve it in the same process, interleaved, so machine noise hits
-all of them alike. Writes ``solver_bench.json`` and prints a Markdown table.
+Configurations are named configurations (``configs/experiment/<name>.yaml``, policy_accel/configurations.py), each
+built by ``build_session`` with this run's sampler (``policy=``: every configuration solves the same chain), task,
+device and threads. They are solved cold, so a configuration with a warm start (which needs a closed loop: use
+eval/latency.py or eval/rollout.py) is refused; a configuration's round budget is honoured. For each observation
+history (drawn from the task's dataset) one noise is drawn; the sequential baseline (the row ``sequential``) and
+every configuration solve it in the same process, interleaved, so machine noise hits all of them alike. Writes
+``solver_bench.json`` and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
@@ -22,14 +25,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from policy_accel.checkpoint import load_policy  # noqa: E402
-from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
-from policy_accel.solvers import make_solver  # noqa: E402
-from policy_accel.train import build_dataset  # noqa: E402
+from policy_accel.configurations import build_configuration, check_names
+from policy_accel.data import build_dataset
+from policy_accel.errors import ConfigError, report_user_errors
+from policy_accel.experiment import Session, prepare_out_dir
+from policy_accel.solvers.sequential import SequentialSolver
 
 log = logging.getLogger("solver_bench")
+BASELINE = "sequential"
 
 
 def dataset_observations(task: DictConfig, n: int, seed: int) -> np.ndarray:
@@ -39,41 +42,72 @@ def dataset_observations(task: DictConfig, n: int, seed: int) -> np.ndarray:
     return dataset.batch(rows)[0].numpy()
 
 
+def build_sessions(cfg: DictConfig) -> dict[str, tuple[dict, Session]]:
+    """Every configuration's (description, session), all on one policy and sampler; warm starts refused."""
+    names = check_names(list(cfg.configurations))
+    if BASELINE in names:
+        raise ConfigError(f"configurations: {BASELINE!r} is the baseline every configuration is compared with")
+    shared = {
+        "task": cfg.task,
+        "policy": cfg.policy,
+        "checkpoint": cfg.checkpoint,
+        "device": cfg.device,
+        "threads": cfg.threads,
+        "check_exactness": False,
+    }
+    sessions, policy = {}, None
+    for name in names:
+        run_cfg, session = build_configuration(name, values=shared, policy=policy)
+        if session.warm_start is not False:
+            raise ConfigError(
+                f"configuration {name!r} sets warm_start={session.warm_start!r}: a warm start needs the previous "
+                "control step, and this benchmark solves each observation cold (use eval/latency.py or eval/rollout.py)"
+            )
+        policy = session.policy  # loaded once, by the first configuration's session
+        about = {"experiment": name, "solver": session.solver.name}
+        about["options"] = OmegaConf.to_container(run_cfg.solver.options, resolve=True)
+        sessions[name] = (about, session)
+    return sessions
+
+
+@torch.inference_mode()
 def bench(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint)
-    schedule = policy.schedule(**cfg.policy.schedule)
-    unknown = [c for c in cfg.configurations if c not in cfg.solvers]
-    if unknown:
-        raise ConfigError(f"unknown configurations {unknown}; defined: {list(cfg.solvers)}")
-    names = ["sequential", *[c for c in cfg.configurations if c != "sequential"]]
-    solvers = {c: make_solver(cfg.solvers[c].name, **OmegaConf.to_container(cfg.solvers[c].options)) for c in names}
+    sessions = build_sessions(cfg)
+    if not sessions:
+        raise ConfigError("configurations is empty: name at least one of configs/experiment/")
+    first = next(iter(sessions.values()))[1]
+    policy, schedule = first.policy, first.schedule
+    baseline = ({"experiment": None, "solver": BASELINE, "options": {}}, None)
+    runs = {BASELINE: baseline, **sessions}
     observations = dataset_observations(cfg.task, cfg.n_obs, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    stats = {c: {"iterations": [], "nfe": [], "latency_ms": [], "dev": [], "converged": []} for c in names}
-    log.info("%s, %d observations, configurations %s", cfg.policy.name, cfg.n_obs, names)
+    stats = {c: {"iterations": [], "nfe": [], "latency_ms": [], "dev": [], "converged": []} for c in runs}
+    reference_solver = SequentialSolver()
+    log.info("%s, %d observations, configurations %s", cfg.policy.name, cfg.n_obs, list(runs))
     for obs in tqdm(observations, desc="solver bench", dynamic_ncols=True):
         cond = policy.condition(obs[None])
         noise = policy.draw_noise(schedule, 1, generator)
         reference = None
-        for c in names:
+        for c, (_, session) in runs.items():
+            solver = reference_solver if session is None else session.solver
+            budget = None if session is None else session.runner.budget
             times = []
             for _ in range(cfg.repeats):
                 start = time.perf_counter()
-                result = policy.sample(cond, solvers[c], schedule, noise)
+                result = solver.solve(policy.denoiser, schedule, noise, cond, budget=budget)
                 times.append(time.perf_counter() - start)
-            reference = result.sample if c == "sequential" else reference
+            reference = result.sample if session is None else reference
             s = stats[c]
             s["iterations"].append(result.iterations)
             s["nfe"].append(result.nfe)
             s["latency_ms"].append(1e3 * float(np.median(times)))
             s["dev"].append(float((result.sample - reference).abs().max()))
             s["converged"].append(result.converged)
-    seq_p50 = float(np.median(stats["sequential"]["latency_ms"]))
+    seq_p50 = float(np.median(stats[BASELINE]["latency_ms"]))
     summary = {
         c: {
-            "solver": cfg.solvers[c].name,
-            "options": OmegaConf.to_container(cfg.solvers[c].options),
+            **runs[c][0],
             "iterations_mean": float(np.mean(s["iterations"])),
             "iterations_p95": float(np.percentile(s["iterations"], 95)),
             "nfe_mean": float(np.mean(s["nfe"])),
@@ -86,7 +120,7 @@ def bench(cfg: DictConfig) -> dict:
         for c, s in stats.items()
     }
     results = {
-        "checkpoint": str(cfg.checkpoint),
+        "checkpoint": first.checkpoint,
         "schedule": cfg.policy.name,
         "n_obs": int(cfg.n_obs),
         "threads": int(cfg.threads),
@@ -94,8 +128,7 @@ def bench(cfg: DictConfig) -> dict:
         "torch": torch.__version__,
         "solvers": summary,
     }
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(cfg.out_dir)
     (out_dir / "solver_bench.json").write_text(json.dumps(results, indent=2))
     print(f"\n{cfg.policy.name}, batch 1, {cfg.n_obs} observations, {cfg.threads} threads")
     print("| configuration | iterations mean | p95 | nfe mean | p50 ms | p95 ms | speed-up | max abs dev | converged |")
