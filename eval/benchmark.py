@@ -1,5 +1,5 @@
 """Latency-vs-reward sweep: run configurations (``configs/experiment/<name>.yaml``) closed loop on the same
-test seeds, then write the aggregated report (eval/report.py).
+test seeds, then write the aggregated report (policy_accel/results.py).
 
 Each configuration runs in two passes, and each pass is ONE Hydra multirun of eval/rollout.py over all the
 configurations (``rollout.py -m +experiment=a,b,...``), dispatched by whichever Hydra launcher the pass names:
@@ -11,7 +11,8 @@ configurations (``rollout.py -m +experiment=a,b,...``), dispatched by whichever 
   latency, iterations and network calls. Timing jobs must not share the machine: ``latency_launcher`` runs one
   job at a time (Hydra's basic launcher, or ``[hydra/launcher=joblib,hydra.launcher.n_jobs=1]``).
 
-Set ``score_env_batch=1 latency_episodes=50`` for a single batch-1 pass.
+Set ``score_env_batch=1 latency_episodes=50`` for a single batch-1 pass. Before the first job, every configuration's
+session is built as its jobs will build it (``build_session``), so a bad option or checkpoint fails at once.
 
     python eval/benchmark.py                                   # the default configurations, 50 seeds
     python eval/benchmark.py n_episodes=5 out_dir=/tmp/bench   # a quick look
@@ -36,14 +37,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from policy_accel.configurations import build_configuration, check_names, configuration_names
+from policy_accel.errors import report_user_errors
+from policy_accel.results import load_results, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ROOT / "configs" / "experiment"
-sys.path.insert(0, str(ROOT / "eval"))
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from report import load_results, write_report  # noqa: E402
-
-from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -56,6 +54,25 @@ def _load(path: Path) -> dict | None:
     return results if isinstance(results, dict) else None
 
 
+def job_overrides(cfg: DictConfig, seeds: list[int], env_batch: int, threads: int) -> list[str]:
+    """The overrides every rollout job of a pass gets on top of its configuration."""
+    return [
+        f"task={cfg.task.name}",
+        f"seeds=[{','.join(map(str, seeds))}]",
+        f"env_batch={env_batch}",
+        f"threads={threads}",
+        "skip_existing=true",
+    ]
+
+
+def check_configurations(cfg: DictConfig, names: list[str], passes: list[tuple]) -> None:
+    """Build every configuration's session as each pass's jobs will (``build_session``) before the first job starts:
+    a bad option or checkpoint fails here, in seconds, with its name, not in every job of a pass."""
+    for name in names:
+        for _, seeds, env_batch, threads, _ in passes:
+            build_configuration(name, job_overrides(cfg, seeds, env_batch, threads))
+
+
 def multirun(
     cfg: DictConfig, names: list[str], pass_name: str, seeds: list[int], env_batch: int, threads: int, launcher
 ) -> int:
@@ -66,11 +83,7 @@ def multirun(
         "--multirun",
         *launcher,
         f"+experiment={','.join(names)}",
-        f"task={cfg.task.name}",
-        f"seeds=[{','.join(map(str, seeds))}]",
-        f"env_batch={env_batch}",
-        f"threads={threads}",
-        "skip_existing=true",
+        *job_overrides(cfg, seeds, env_batch, threads),
         f"hydra.sweep.dir={Path(cfg.out_dir).resolve() / 'runs'}",
         f"hydra.sweep.subdir=${{hydra.runtime.choices.experiment}}/passes/{pass_name}",
     ]
@@ -97,11 +110,7 @@ def merge(score: dict, latency: dict) -> dict:
 
 def run_sweep(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir)
-    defined = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
-    names = defined if cfg.only is None else list(cfg.only)
-    unknown = [n for n in names if n not in defined]
-    if unknown:
-        raise ConfigError(f"unknown configurations {unknown}; defined in {EXPERIMENTS}: {', '.join(defined)}")
+    names = configuration_names() if cfg.only is None else check_names(list(cfg.only))
     seeds = list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     latency_seeds = seeds[: cfg.latency_episodes]
     if cfg.score_env_batch == 1 and len(latency_seeds) == len(seeds):  # one batch-1 pass gives everything
@@ -119,6 +128,7 @@ def run_sweep(cfg: DictConfig) -> None:
             log.info("%s: done already, skipped", name)
     failed = []
     if todo:
+        check_configurations(cfg, todo, passes)
         for pass_name, pass_seeds, env_batch, threads, launcher in passes:
             # A failed job does not stop the other pass: whatever finished is kept and merged below.
             if multirun(cfg, todo, pass_name, pass_seeds, env_batch, threads, OmegaConf.to_container(launcher)):

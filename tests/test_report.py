@@ -73,3 +73,13 @@ def test_unknown_configuration_name_fails(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode != 0 and "unknown configurations ['seq_ddim_missing']" in run.stderr
+
+
+def test_bad_configuration_fails_before_any_job_starts(tmp_path):
+    # every configuration's session is built (build_session) before the first multirun is launched
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim4]", "threads=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and "threads=0 is not allowed" in run.stderr
+    assert "pass: " not in run.stderr and not (tmp_path / "runs").exists()
