@@ -234,8 +234,9 @@ def markdown(result: dict) -> str:
     for name, r in result["samplers"].items():
         ratio = f"{seq / r['latency_ms_p50']:.2f}x" if seq else "–"
         ceiling = f"{seq_model / r['cost_model_ms_p50']:.2f}x" if seq_model else "–"
+        label = f"{name} (approx.)" if r.get("spec", {}).get("approximate") else name  # not the sampler's output
         lines.append(
-            f"| {name} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p95']:.2f} | {ratio} | "
+            f"| {label} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p95']:.2f} | {ratio} | "
             f"{r['iterations_mean']:.1f} | {r['nfe_mean']:.0f} | {r['network_ms_p50']:.2f} | "
             f"{100 * r['overhead_frac']:.1f}% | {r['cost_model_ms_p50']:.2f} | {ceiling} |"
         )
