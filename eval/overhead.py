@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,28 +26,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from policy_accel.checkpoint import load_policy  # noqa: E402
-from policy_accel.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
-from policy_accel.profiling import ProfiledSolver, control_sequences  # noqa: E402
-from policy_accel.runner import PolicyRunner  # noqa: E402
-from policy_accel.solvers import make_solver  # noqa: E402
-from policy_accel.unet import ConditionalUnet1D, UNetConfig  # noqa: E402
+from policy_accel.checkpoint import load_policy
+from policy_accel.errors import report_user_errors
+from policy_accel.hardware import hardware
+from policy_accel.policy import DiffusionPolicy, PolicyConfig
+from policy_accel.profiling import ProfiledSolver, control_sequences
+from policy_accel.runner import PolicyRunner
+from policy_accel.solvers import make_solver
+from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
 log = logging.getLogger("overhead")
-
-
-def hardware(device: torch.device, threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = f"{names[0]} ({len(names)} logical cores)" if names else cpu
-    text = f"CPU: {cpu}, torch {torch.__version__}, {threads} intra-op threads"
-    if device.type == "cuda":
-        text = f"GPU: {torch.cuda.get_device_name(device)}; {text}"
-    return text
 
 
 def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
@@ -107,6 +94,7 @@ def standin_ms_per_round(policy: DiffusionPolicy, schedule, spec: dict, repeats:
 
 
 @hydra.main(config_path="../configs", config_name="overhead", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)

@@ -32,7 +32,6 @@ KNOWN_CYCLES = [
 ]
 PENDING_SYS_PATH = {  # eval scripts that still put the checkout on sys.path
     "convert.py": "eval/convert.py (Engineer B)",
-    "overhead.py": "eval/overhead.py (Engineer A)",
     "realtime.py": "eval/realtime.py (Engineer B)",
     "realtime_soak.py": "eval/realtime_soak.py (Engineer B)",
     "rollout.py": "eval/rollout.py (Engineer B)",
