@@ -230,7 +230,7 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
     try:
         solver = make_solver(solver_name, **options)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"solver.options={options!r} is not allowed for solver {solver_name!r}: {err}") from None
+        raise ConfigError(f"solver.options={options!r} is not allowed: {err}") from None
 
     torch.set_num_threads(threads)
     if policy is None:
