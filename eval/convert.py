@@ -17,17 +17,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from policy_accel.checkpoint import (  # noqa: E402
+from policy_accel.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     load_policy,
     read_checkpoint,
     save_policy,
 )
-from policy_accel.errors import EXIT_USER_ERROR, UserError  # noqa: E402
-from policy_accel.policy import DiffusionPolicy  # noqa: E402
+from policy_accel.errors import EXIT_USER_ERROR, UserError
+from policy_accel.policy import DiffusionPolicy
 
 
 def convert(

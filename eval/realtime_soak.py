@@ -25,15 +25,12 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from policy_accel.control import MonotonicClock, Plan
+from policy_accel.errors import report_user_errors
+from policy_accel.realtime_config import build_controller, build_realtime_session
+from policy_accel.tasks import env_factory
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT / "eval"))
-
-from realtime import build_controller, build_runner  # noqa: E402
-
-from policy_accel.control import MonotonicClock, Plan  # noqa: E402
-from policy_accel.errors import report_user_errors  # noqa: E402
-from policy_accel.tasks import env_factory  # noqa: E402
 
 log = logging.getLogger("realtime_soak")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -67,7 +64,7 @@ def soak(cfg: DictConfig) -> dict:
     else:
         from policy_accel.control import RunnerPlanner
 
-        runner = build_runner(cfg).runner
+        runner = build_realtime_session(cfg).runner
         planner, n_obs = RunnerPlanner(runner), runner.policy.config.n_obs_steps
         what = f"{cfg.policy.name} {cfg.solver.name} warm={cfg.warm_start}"
     # preallocated: the benchmark itself must not grow while it measures growth

@@ -29,11 +29,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
-from policy_accel.evaluation import outcome_from_dict, outcome_to_dict, run_episodes  # noqa: E402
-from policy_accel.experiment import (  # noqa: E402
+from policy_accel.errors import ConfigError, report_user_errors
+from policy_accel.evaluation import outcome_from_dict, outcome_to_dict, run_episodes
+from policy_accel.experiment import (
     Session,
     build_session,
     cfg_bool,
@@ -42,8 +40,8 @@ from policy_accel.experiment import (  # noqa: E402
     prepare_out_dir,
     write_json_atomic,
 )
-from policy_accel.hardware import hardware  # noqa: E402
-from policy_accel.tasks import env_factory  # noqa: E402
+from policy_accel.hardware import hardware
+from policy_accel.tasks import env_factory
 
 log = logging.getLogger("rollout")
 PROGRESS_FILE = "episodes.partial.json"  # finished episodes of an unfinished run: a re-run resumes from them

@@ -437,8 +437,7 @@ def test_run_values_of_the_wrong_type_or_range_name_key_value_and_what_is_allowe
 
     cfg = _compose(config, [override, "out_dir=/tmp/unused"], hydra=False)
     if config == "realtime.yaml":
-        sys.path.insert(0, str(ROOT / "eval"))
-        from realtime import build_runner as build
+        from policy_accel.realtime_config import build_realtime_session as build
     else:
         from policy_accel.experiment import build_session as build
     with pytest.raises(ConfigError) as err:

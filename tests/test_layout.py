@@ -30,13 +30,8 @@ EXPERIMENTS = ROOT / "configs" / "experiment"
 KNOWN_CYCLES = [
     frozenset({"policy_accel.checkpoint", "policy_accel.formats"}),  # formats builds the policy via checkpoint
 ]
-PENDING_SYS_PATH = {  # eval scripts that still put the checkout on sys.path
-    "convert.py": "eval/convert.py (Engineer B)",
-    "realtime.py": "eval/realtime.py (Engineer B)",
-    "realtime_soak.py": "eval/realtime_soak.py (Engineer B)",
-    "rollout.py": "eval/rollout.py (Engineer B)",
-}
-PENDING_SCRIPT_IMPORTS = {"realtime_soak.py": "realtime_soak imports build_controller/build_runner from realtime"}
+PENDING_SYS_PATH: dict[str, str] = {}  # eval scripts that still put the checkout on sys.path
+PENDING_SCRIPT_IMPORTS: dict[str, str] = {}
 OUTPUT_ONLY_FORBIDDEN = (".py", ".sh", ".patch", ".log")
 
 
