@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from policy_accel.checkpoint import CheckpointError, assemble_policy, check_trust_pickle, read_safetensors
-from policy_accel.errors import PickleRefusedError
+from policy_accel.assembly import assemble_policy, check_trust_pickle, read_safetensors
+from policy_accel.errors import CheckpointError, PickleRefusedError
 from policy_accel.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig

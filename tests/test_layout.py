@@ -27,9 +27,7 @@ EVAL = ROOT / "eval"
 EXPERIMENTS = ROOT / "configs" / "experiment"
 
 # Still being fixed (issue #24's other parts); each entry flips its test to a failure once fixed.
-KNOWN_CYCLES = [
-    frozenset({"policy_accel.checkpoint", "policy_accel.formats"}),  # formats builds the policy via checkpoint
-]
+KNOWN_CYCLES: list[frozenset[str]] = []
 PENDING_SYS_PATH: dict[str, str] = {}  # eval scripts that still put the checkout on sys.path
 PENDING_SCRIPT_IMPORTS: dict[str, str] = {}
 OUTPUT_ONLY_FORBIDDEN = (".py", ".sh", ".patch", ".log")
@@ -120,7 +118,6 @@ def test_no_import_cycle_besides_the_known_ones():
     assert not unexpected, f"import cycles in policy_accel: {unexpected}"
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.py <-> formats.py (Engineer B, issue #24 io/ split)")
 def test_no_import_cycle_in_the_library():
     assert not cycles(library_graph())
 
