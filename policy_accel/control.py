@@ -64,6 +64,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from policy_accel.observations import ObservationHistory
+
 if TYPE_CHECKING:  # the controller itself needs neither torch nor the policy
     from policy_accel.runner import PolicyRunner
 
@@ -320,7 +322,7 @@ class RealTimeController:
         self._epoch = 0
         self._pending_reset: tuple | None = None
         self._chunks = 0
-        self._history: deque[np.ndarray] = deque(maxlen=n_obs_steps)
+        self._history = ObservationHistory(n_obs_steps)
         self._obs_time: float | None = None
         self._obs_seq = 0
         self._launched_seq = -1
@@ -475,10 +477,7 @@ class RealTimeController:
 
     def _append_obs(self, obs: np.ndarray, t: float) -> None:
         obs = np.array(obs, dtype=np.float64, copy=True)
-        if not self._history:
-            self._history.extend([obs] * self.n_obs_steps)  # Diffusion Policy pads the first observation
-        else:
-            self._history.append(obs)
+        self._history.push(obs)
         self._obs_time = t
         self._obs_seq += 1
 
@@ -506,7 +505,7 @@ class RealTimeController:
     def _submit(self, now: float, needed_at: float | None, rebase: bool = False) -> None:
         overshoot = max(self._overshoots, default=0.0)
         request = _Request(
-            np.stack(self._history), self._obs_time, now, needed_at, self._epoch, overshoot, self._pending_reset, rebase
+            self._history.stacked(), self._obs_time, now, needed_at, self._epoch, overshoot, self._pending_reset, rebase
         )
         self._pending_reset = None
         self._launched_seq = self._obs_seq
@@ -624,7 +623,7 @@ class RealTimeController:
                 if abs(q.t - t) <= half:
                     return ControlAction(q.action, t, "continue", q.chunk_id, q.obs_time, q.index)
         if self.hold_action is not None and self._history:
-            return ControlAction(np.asarray(self.hold_action(self._history[-1])), t, "hold")
+            return ControlAction(np.asarray(self.hold_action(self._history.latest)), t, "hold")
         if self._last_action is not None:
             return ControlAction(self._last_action, t, "hold")
         raise RuntimeError("no action to hold: pass hold_action, or call start_episode before the first act")

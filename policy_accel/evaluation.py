@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from policy_accel.observations import ObservationHistory
 from policy_accel.runner import InferenceRecord, PolicyRunner
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,9 @@ def run_episodes(
     for g in range(len(done_seeds), len(seeds), env_batch):
         group = list(seeds[g : g + env_batch])
         envs = [make_env() for _ in group]
-        history = []
-        for env, seed in zip(envs, group, strict=True):
-            obs, _ = env.reset(seed=seed)
-            history.append([obs] * cfg.n_obs_steps)  # DP pads the first observation
+        history = [ObservationHistory(cfg.n_obs_steps) for _ in group]
+        for env, seed, h in zip(envs, group, history, strict=True):
+            h.push(env.reset(seed=seed)[0])
         runner.reset(seed=group[0])
         n = len(group)
         max_reward, success = np.zeros(n), np.zeros(n, dtype=bool)
@@ -131,7 +131,7 @@ def run_episodes(
         if film:
             frames.append(envs[0].render())
         while not done.all():
-            obs_batch = np.stack([np.stack(h[-cfg.n_obs_steps :]) for h in history])
+            obs_batch = np.stack([h.stacked() for h in history])
             actions, _, record = runner.plan(obs_batch)
             if record.row_iterations is not None:  # count live episodes only
                 record.row_iterations = [n for n, over in zip(record.row_iterations, done, strict=True) if not over]
@@ -142,7 +142,7 @@ def run_episodes(
                     if done[i]:
                         break
                     obs, reward, terminated, truncated, _ = env.step(action)
-                    history[i].append(obs)
+                    history[i].push(obs)
                     max_reward[i] = max(max_reward[i], reward)
                     steps[i] += 1
                     success[i] |= terminated
