@@ -199,6 +199,8 @@ def test_step_jacobians_match_autograd(trained_policy):
             torch.testing.assert_close(exact[level, row], reference, atol=2e-5, rtol=1e-4)
             assert (approximate[level, row] - reference).abs().max() <= 5e-2  # 1.4e-2 here, at a clipping kink
             # a batched network call and a single-row one round differently in float32 (1.1e-5 seen on a clean clone)
-            torch.testing.assert_close(stepped[level, row].flatten(), step(states[level, row].flatten()), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                stepped[level, row].flatten(), step(states[level, row].flatten()), atol=1e-4, rtol=1e-4
+            )
     with pytest.raises(ValueError, match="unknown derivatives"):
         step_jacobians(trained_policy.denoiser, schedule, states, steps, cond, "central")
