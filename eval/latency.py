@@ -28,37 +28,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from policy_accel.checkpoint import load_policy
 from policy_accel.configurations import build_configuration, check_names
-from policy_accel.errors import ConfigError, report_user_errors
+from policy_accel.errors import report_user_errors
 from policy_accel.experiment import Session, prepare_out_dir
 from policy_accel.hardware import hardware
-from policy_accel.policy import DiffusionPolicy, PolicyConfig
+from policy_accel.policy import DiffusionPolicy
 from policy_accel.profiling import control_sequences
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
+from policy_accel.timing import timing_policy
 
 log = logging.getLogger("latency")
-
-
-def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
-    """The committed checkpoint, or Diffusion Policy's original-size U-Net (random weights, timing only)."""
-    policy = load_policy(cfg.checkpoint)
-    if cfg.model == "dp_original":
-        torch.manual_seed(0)
-        unet = UNetConfig(
-            input_dim=policy.config.action_dim,
-            global_cond_dim=policy.config.unet.global_cond_dim,
-            diffusion_step_embed_dim=256,
-            down_dims=[256, 512, 1024],
-        )
-        config = PolicyConfig(**{**policy.config.to_dict(), "unet": unet})
-        policy = DiffusionPolicy(config, ConditionalUnet1D(unet), policy.obs_normalizer, policy.action_normalizer)
-    elif cfg.model != "checkpoint":
-        raise ConfigError(f"unknown model {cfg.model!r}; valid: checkpoint, dp_original")
-    policy.to(device)
-    if cfg.cuda_graphs:
-        policy.use_cuda_graphs()
-    return policy
 
 
 class NetworkTimer:
@@ -176,7 +154,7 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    policy = build_policy(cfg, device)
+    policy = timing_policy(cfg.checkpoint, cfg.model, device, cfg.cuda_graphs)
     # Every configuration is checked and built before the first is timed: a bad one fails in seconds, not later.
     shared = {"task": cfg.task, "checkpoint": cfg.checkpoint, "device": cfg.device, "threads": cfg.threads}
     sessions = {

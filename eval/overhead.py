@@ -26,37 +26,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from policy_accel.checkpoint import load_policy
 from policy_accel.errors import report_user_errors
 from policy_accel.hardware import hardware
-from policy_accel.policy import DiffusionPolicy, PolicyConfig
+from policy_accel.policy import DiffusionPolicy
 from policy_accel.profiling import ProfiledSolver, control_sequences
 from policy_accel.runner import PolicyRunner
 from policy_accel.solvers import make_solver
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
+from policy_accel.timing import timing_policy
 
 log = logging.getLogger("overhead")
-
-
-def build_policy(cfg: DictConfig, device: torch.device) -> DiffusionPolicy:
-    """The committed checkpoint, or Diffusion Policy's original-size U-Net (random weights, timing only)."""
-    policy = load_policy(cfg.checkpoint)
-    if cfg.model == "dp_original":
-        torch.manual_seed(0)
-        unet = UNetConfig(
-            input_dim=policy.config.action_dim,
-            global_cond_dim=policy.config.unet.global_cond_dim,
-            diffusion_step_embed_dim=256,
-            down_dims=[256, 512, 1024],
-        )
-        config = PolicyConfig(**{**policy.config.to_dict(), "unet": unet})
-        policy = DiffusionPolicy(config, ConditionalUnet1D(unet), policy.obs_normalizer, policy.action_normalizer)
-    elif cfg.model != "checkpoint":
-        raise ValueError(f"unknown model {cfg.model!r}; valid: checkpoint, dp_original")
-    policy.to(device)
-    if cfg.cuda_graphs:
-        policy.use_cuda_graphs()
-    return policy
 
 
 def run(policy: DiffusionPolicy, schedule, solver, warm: bool, sequences, count: bool) -> list:
@@ -98,7 +76,7 @@ def standin_ms_per_round(policy: DiffusionPolicy, schedule, spec: dict, repeats:
 def main(cfg: DictConfig) -> None:
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    policy = build_policy(cfg, device)
+    policy = timing_policy(cfg.checkpoint, cfg.model, device, cfg.cuda_graphs)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sequences = control_sequences(
