@@ -11,8 +11,10 @@ configurations (``rollout.py -m +experiment=a,b,...``), dispatched by whichever 
   latency, iterations and network calls. Timing jobs must not share the machine: ``latency_launcher`` runs one
   job at a time (Hydra's basic launcher, or ``[hydra/launcher=joblib,hydra.launcher.n_jobs=1]``).
 
-Set ``score_env_batch=1 latency_episodes=50`` for a single batch-1 pass. Before the first job, every configuration's
-session is built as its jobs will build it (``build_session``), so a bad option or checkpoint fails at once.
+Set ``score_env_batch=1 latency_episodes=50`` for a single batch-1 pass. ``passes=[score]`` runs only the score pass
+(e.g. while the machine is busy), a later ``passes=[latency]`` the timed one on a quiet machine; both then merge.
+Before the first job, every configuration's session is built as its jobs will build it (``build_session``), so a bad
+option or checkpoint fails at once.
 
     python eval/benchmark.py                                   # the default configurations, 50 seeds
     python eval/benchmark.py n_episodes=5 out_dir=/tmp/bench   # a quick look
@@ -38,7 +40,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from policy_accel.configurations import build_configuration, check_names, configuration_names
-from policy_accel.errors import report_user_errors
+from policy_accel.errors import ConfigError, report_user_errors
 from policy_accel.results import load_results, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +112,9 @@ def merge(score: dict, latency: dict) -> dict:
 
 def run_sweep(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir)
+    unknown = sorted(set(cfg.passes) - {"score", "latency", "single"})
+    if unknown:
+        raise ConfigError(f"passes: unknown pass {', '.join(unknown)}; allowed: score, latency, single")
     names = configuration_names() if cfg.only is None else check_names(list(cfg.only))
     seeds = list(range(cfg.start_seed, cfg.start_seed + cfg.n_episodes))
     latency_seeds = seeds[: cfg.latency_episodes]
@@ -130,6 +135,9 @@ def run_sweep(cfg: DictConfig) -> None:
     if todo:
         check_configurations(cfg, todo, passes)
         for pass_name, pass_seeds, env_batch, threads, launcher in passes:
+            if pass_name not in cfg.passes:
+                log.info("%s pass: not run now (passes=%s)", pass_name, list(cfg.passes))
+                continue
             # A failed job does not stop the other pass: whatever finished is kept and merged below.
             if multirun(cfg, todo, pass_name, pass_seeds, env_batch, threads, OmegaConf.to_container(launcher)):
                 failed.append(pass_name)
