@@ -1,5 +1,5 @@
 """Latency-vs-reward sweep: run configurations (``configs/experiment/<name>.yaml``) closed loop on the same
-test seeds, then write the aggregated report (policy_accel/results.py).
+test seeds, then write the aggregated report (policy_accel/experiment/results.py).
 
 Each configuration runs in two passes, and each pass is ONE Hydra multirun of eval/rollout.py over all the
 configurations (``rollout.py -m +experiment=a,b,...``), dispatched by whichever Hydra launcher the pass names:
@@ -13,7 +13,7 @@ configurations (``rollout.py -m +experiment=a,b,...``), dispatched by whichever 
 
 Set ``score_env_batch=1 latency_episodes=50`` for a single batch-1 pass. ``passes=[score]`` runs only the score pass
 (e.g. while the machine is busy), a later ``passes=[latency]`` the timed one on a quiet machine; both then merge.
-Before the first job, every configuration's session is built as its jobs will build it (``build_session``), so a bad
+Before the first job, every configuration's setup is built as its jobs will build it (``build_session``), so a bad
 option or checkpoint fails at once.
 
     python eval/benchmark.py                                   # the default configurations, 50 seeds
@@ -39,9 +39,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from policy_accel.configurations import build_configuration, check_names, configuration_names
 from policy_accel.errors import ConfigError, report_user_errors
-from policy_accel.results import load_results, write_report
+from policy_accel.experiment.configurations import build_configuration, check_names, configuration_names
+from policy_accel.experiment.results import load_results, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def job_overrides(cfg: DictConfig, seeds: list[int], env_batch: int, threads: in
 
 
 def check_configurations(cfg: DictConfig, names: list[str], passes: list[tuple]) -> None:
-    """Build every configuration's session as each pass's jobs will (``build_session``) before the first job starts:
+    """Build every configuration's setup as each pass's jobs will (``build_session``) before the first job starts:
     a bad option or checkpoint fails here, in seconds, with its name, not in every job of a pass."""
     for name in names:
         for _, seeds, env_batch, threads, _ in passes:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from policy_accel.checkpoint import (
+from policy_accel.errors import EXIT_USER_ERROR, UserError
+from policy_accel.io.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     load_policy,
     read_checkpoint,
     save_policy,
 )
-from policy_accel.errors import EXIT_USER_ERROR, UserError
 from policy_accel.policy import DiffusionPolicy
 
 

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from policy_accel.results import load_results, pareto  # noqa: E402
+from policy_accel.experiment.results import load_results, pareto  # noqa: E402
 
 log = logging.getLogger("front")
 BUDGETS_MS = (5, 7.5, 10, 15, 20, 30, 40, 80, 160)

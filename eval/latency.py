@@ -6,11 +6,12 @@ at batch 1, and how much of it is spent outside the network.
     python eval/latency.py device=cuda cuda_graphs=true model=dp_original   # DP's original-size U-Net
     python eval/latency.py 'configurations=[seq_ddim10,newton_broyden_warm]'   # any configs/experiment/ names
 
-Configurations are named configurations (``configs/experiment/<name>.yaml``, policy_accel/configurations.py), each
+Configurations are named configurations (``configs/experiment/<name>.yaml``,
+policy_accel/experiment/configurations.py), each
 built by ``build_session`` on the one network timed here (``checkpoint``, or ``model=dp_original``) with this
 run's task, device and threads, and ``check_exactness`` off (its untimed reference solve would count as network
 time). Latencies come from closed-loop-like sequences: the task dataset's episodes, one inference every
-``n_action_steps`` frames, through the session's PolicyRunner as in a rollout (so warm starts see a shifted
+``n_action_steps`` frames, through the setup's Session as in a rollout (so warm starts see a shifted
 previous trajectory and a new observation). Each configuration runs twice: a timed pass, and a profiled pass that
 also times every network call (synchronising the device around it) to split the latency into network and
 everything else. Writes ``latency.json`` and ``latency.md``.
@@ -28,13 +29,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from policy_accel.configurations import build_configuration, check_names
 from policy_accel.errors import report_user_errors
-from policy_accel.experiment import Session, prepare_out_dir
-from policy_accel.hardware import hardware
+from policy_accel.experiment.build import SessionSetup, prepare_out_dir
+from policy_accel.experiment.configurations import build_configuration, check_names
+from policy_accel.experiment.hardware import hardware
+from policy_accel.experiment.timing import timing_policy
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.profiling import control_sequences
-from policy_accel.timing import timing_policy
 
 log = logging.getLogger("latency")
 
@@ -92,19 +93,19 @@ def time_network(policy: DiffusionPolicy, batches: list[int], repeats: int) -> d
     return out
 
 
-def run_configuration(session: Session, sequences: list[np.ndarray], profile: bool) -> list[tuple]:
+def run_configuration(setup: SessionSetup, sequences: list[np.ndarray], profile: bool) -> list[tuple]:
     """(warm, latency ms, network ms, rounds, network evaluations, call batch sizes) for every inference."""
-    policy, runner = session.policy, session.runner
+    policy, session = setup.policy, setup.session
     timer = NetworkTimer(policy._forward, policy.device)
     if profile:
         policy._forward = timer
     rows = []
     try:
         for i, seq in enumerate(sequences):
-            runner.reset(seed=i)
+            session.reset(seed=i)
             for k, obs in enumerate(seq):
                 timer.seconds, timer.batches = 0.0, []
-                _, _, record = runner.plan(obs[None])
+                _, _, record = session.plan(obs[None])
                 rows.append(
                     (k > 0, record.latency_s * 1e3, timer.seconds * 1e3, record.iterations, record.nfe, timer.batches)
                 )
@@ -113,16 +114,16 @@ def run_configuration(session: Session, sequences: list[np.ndarray], profile: bo
     return rows
 
 
-def describe(name: str, cfg: DictConfig, session: Session) -> dict:
+def describe(name: str, cfg: DictConfig, setup: SessionSetup) -> dict:
     """What a configuration ran, recorded beside its figures (``spec`` in latency.json)."""
     return {
         "experiment": name,
-        "solver": session.solver.name,
+        "solver": setup.solver.name,
         "options": OmegaConf.to_container(cfg.solver.options, resolve=True),
         "schedule": OmegaConf.to_container(cfg.policy.schedule, resolve=True),
-        "warm_start": session.warm_start,
-        "noise": session.runner.noise,
-        "approximate": session.runner.approximate,
+        "warm_start": setup.warm_start,
+        "noise": setup.session.noise,
+        "approximate": setup.session.approximate,
     }
 
 
@@ -157,7 +158,7 @@ def main(cfg: DictConfig) -> None:
     policy = timing_policy(cfg.checkpoint, cfg.model, device, cfg.cuda_graphs)
     # Every configuration is checked and built before the first is timed: a bad one fails in seconds, not later.
     shared = {"task": cfg.task, "checkpoint": cfg.checkpoint, "device": cfg.device, "threads": cfg.threads}
-    sessions = {
+    setups = {
         name: build_configuration(name, values={**shared, "check_exactness": False}, policy=policy) for name in names
     }
     out_dir = prepare_out_dir(cfg.out_dir)
@@ -176,12 +177,12 @@ def main(cfg: DictConfig) -> None:
     sequences = control_sequences(
         task.dataset, task.get("obs_keys"), cfg.n_episodes, cfg.n_inferences, policy.config.n_action_steps
     )
-    for name, (run_cfg, session) in tqdm(sessions.items(), desc="latency", dynamic_ncols=True):
-        run_configuration(session, sequences[:1], profile=False)  # warm-up (graphs, caches)
-        timed = run_configuration(session, sequences, profile=False)
-        profiled = run_configuration(session, sequences, profile=True)
-        summary = summarize(timed, profiled, session.warm_start is not False, result["network_ms"])
-        result["samplers"][name] = {"spec": describe(name, run_cfg, session), **summary}
+    for name, (run_cfg, setup) in tqdm(setups.items(), desc="latency", dynamic_ncols=True):
+        run_configuration(setup, sequences[:1], profile=False)  # warm-up (graphs, caches)
+        timed = run_configuration(setup, sequences, profile=False)
+        profiled = run_configuration(setup, sequences, profile=True)
+        summary = summarize(timed, profiled, setup.warm_start is not False, result["network_ms"])
+        result["samplers"][name] = {"spec": describe(name, run_cfg, setup), **summary}
         log.info("%s: %s", name, {k: round(v, 3) for k, v in summary.items()})
         (out_dir / "latency.json").write_text(json.dumps(result, indent=1))
     (out_dir / "latency.md").write_text(markdown(result))

@@ -6,7 +6,7 @@
     python eval/overhead.py device=cuda cuda_graphs=true model=dp_original out_dir=reports/overhead/cuda_dp_original
 
 Solves come from closed-loop-like sequences (the task dataset's episodes, one inference every n_action_steps
-frames) through the PolicyRunner the rollouts use; warm rows use exact warm starts with coupled noise and are
+frames) through the Session the rollouts use; warm rows use exact warm starts with coupled noise and are
 judged on their warm inferences. Each row runs a timed pass (wall time and time inside the network, device
 synchronised around each call) and a counting pass (operators and host reads outside the network), then cold
 solves with a zero-cost stand-in denoiser (zeros) to time the solver's own work alone. Writes overhead.json
@@ -27,12 +27,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from policy_accel.errors import report_user_errors
-from policy_accel.hardware import hardware
+from policy_accel.experiment.hardware import hardware
+from policy_accel.experiment.timing import timing_policy
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.profiling import ProfiledSolver, control_sequences
-from policy_accel.runner import PolicyRunner
+from policy_accel.session import Session
 from policy_accel.solvers import make_solver
-from policy_accel.timing import timing_policy
 
 log = logging.getLogger("overhead")
 
@@ -42,11 +42,11 @@ def run(policy: DiffusionPolicy, schedule, solver, warm: bool, sequences, count:
     The same solver instance serves every pass, so its per-shape buffers are built in the warm-up pass."""
     profiled = ProfiledSolver(solver, count=count)
     noise = "coupled" if warm else "fresh"
-    runner = PolicyRunner(policy, profiled, schedule, warm_start=warm, noise=noise)
+    session = Session(policy, profiled, schedule, warm_start=warm, noise=noise)
     for i, seq in enumerate(sequences):
-        runner.reset(seed=i)
+        session.reset(seed=i)
         for obs in seq:
-            runner.plan(obs[None])
+            session.plan(obs[None])
     return [r for r in profiled.records if r.warm == warm]
 
 

@@ -41,18 +41,18 @@ from policy_accel.control import (
     InferenceInfo,
     MonotonicClock,
     RealTimeController,
-    RunnerPlanner,
+    SessionPlanner,
 )
 from policy_accel.errors import ConfigError, UserError, report_user_errors
-from policy_accel.experiment import (
-    Session,
+from policy_accel.experiment.build import (
+    SessionSetup,
     prepare_out_dir,
     run_id,
     write_json_atomic,
     write_text_atomic,
 )
-from policy_accel.realtime_config import build_controller, build_realtime_session
-from policy_accel.tasks import env_factory
+from policy_accel.experiment.realtime import build_controller, build_realtime_session
+from policy_accel.experiment.tasks import env_factory
 
 log = logging.getLogger("realtime")
 
@@ -160,7 +160,7 @@ def offline_score(cfg: DictConfig) -> dict | None:
 
 
 def summarize(
-    cfg: DictConfig, session: Session, episodes: list[EpisodeLog], inferences: list[InferenceInfo], ctrl
+    cfg: DictConfig, setup: SessionSetup, episodes: list[EpisodeLog], inferences: list[InferenceInfo], ctrl
 ) -> dict:
     """The numbers results.json reports (all times in ms)."""
     dt = 1.0 / cfg.rate_hz
@@ -179,11 +179,11 @@ def summarize(
         "solver": cfg.solver.name,
         "policy": cfg.policy.name,
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": session.warm_start,
-        "renoise_steps": session.runner.renoise_steps,
-        "tail_fill": session.runner.tail_fill,
-        "checkpoint": session.checkpoint,
-        "approximate": session.runner.approximate or any(not i.converged for i in bounded),
+        "warm_start": setup.warm_start,
+        "renoise_steps": setup.session.renoise_steps,
+        "tail_fill": setup.session.tail_fill,
+        "checkpoint": setup.checkpoint,
+        "approximate": setup.session.approximate or any(not i.converged for i in bounded),
         "noise": cfg.solver.noise,
         "threads": cfg.threads,
         "rate_hz": cfg.rate_hz,
@@ -269,8 +269,8 @@ def check_not_another_run(out_dir: Path, this_run: str) -> None:
 
 
 def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
-    session = build_realtime_session(cfg)
-    runner, seeds = session.runner, session.seeds
+    setup = build_realtime_session(cfg)
+    session, seeds = setup.session, setup.seeds
     out_dir = prepare_out_dir(cfg.out_dir)  # before the first episode: a run must not fail only at its end
     check_not_another_run(out_dir, run_id(cfg))
     if cfg.switch_interval_ms is not None:
@@ -291,7 +291,7 @@ def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
         cfg.fallback,
         len(seeds),
     )
-    ctrl = build_controller(cfg, RunnerPlanner(runner), runner.policy.config.n_obs_steps, clock, inferences.append)
+    ctrl = build_controller(cfg, SessionPlanner(session), session.policy.config.n_obs_steps, clock, inferences.append)
     with ctrl, _user_errors_from_worker():
         for seed in seeds:
             ep = run_episode(
@@ -308,7 +308,7 @@ def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
                 worst,
                 np.mean([e.max_reward for e in episodes]),
             )
-    results = summarize(cfg, session, episodes, inferences, ctrl)
+    results = summarize(cfg, setup, episodes, inferences, ctrl)
     write_json_atomic(out_dir / "results.json", results)  # atomic: a killed run leaves no partial file
     table = markdown(results)
     write_text_atomic(out_dir / "results.md", table)

@@ -25,10 +25,10 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from policy_accel.control import MonotonicClock, Plan
+from policy_accel.control import MonotonicClock, PlannedChunk
 from policy_accel.errors import report_user_errors
-from policy_accel.realtime_config import build_controller, build_realtime_session
-from policy_accel.tasks import env_factory
+from policy_accel.experiment.realtime import build_controller, build_realtime_session
+from policy_accel.experiment.tasks import env_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +48,9 @@ class SleepPlanner:
     def __init__(self, latency_s: float, n_actions: int = 8):
         self.latency_s, self.n_actions = latency_s, n_actions
 
-    def __call__(self, obs_history: np.ndarray, time_budget_s: float | None) -> Plan:
+    def __call__(self, obs_history: np.ndarray, time_budget_s: float | None) -> PlannedChunk:
         time.sleep(self.latency_s if time_budget_s is None else min(self.latency_s, time_budget_s))
-        return Plan(np.repeat(obs_history[-1, -2:][None], self.n_actions, axis=0), reserve=None)
+        return PlannedChunk(np.repeat(obs_history[-1, -2:][None], self.n_actions, axis=0), reserve=None)
 
 
 def soak(cfg: DictConfig) -> dict:
@@ -62,10 +62,10 @@ def soak(cfg: DictConfig) -> dict:
     if cfg.soak.fake_latency_ms is not None:
         planner, n_obs, what = SleepPlanner(cfg.soak.fake_latency_ms / 1e3), 2, "sleep planner"
     else:
-        from policy_accel.control import RunnerPlanner
+        from policy_accel.control import SessionPlanner
 
-        runner = build_realtime_session(cfg).runner
-        planner, n_obs = RunnerPlanner(runner), runner.policy.config.n_obs_steps
+        session = build_realtime_session(cfg).session
+        planner, n_obs = SessionPlanner(session), session.policy.config.n_obs_steps
         what = f"{cfg.policy.name} {cfg.solver.name} warm={cfg.warm_start}"
     # preallocated: the benchmark itself must not grow while it measures growth
     wake = np.zeros(steps)

@@ -1,4 +1,4 @@
-"""Aggregate rollout results into one table and plots (the rows and the report are policy_accel/results.py's).
+"""Aggregate rollout results into one table and plots (rows and report: policy_accel/experiment/results.py).
 
     python eval/report.py reports/pusht_cpu/runs --out reports/pusht_cpu
     python eval/report.py multirun/rollout/<stamp> --out reports/my_sweep   # a Hydra multirun (any launcher)
@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from policy_accel.results import load_results, write_report
+from policy_accel.experiment.results import load_results, write_report
 
 
 def main() -> None:

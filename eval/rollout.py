@@ -30,9 +30,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from policy_accel.errors import ConfigError, report_user_errors
-from policy_accel.evaluation import outcome_from_dict, outcome_to_dict, run_episodes
-from policy_accel.experiment import (
-    Session,
+from policy_accel.experiment.build import (
+    SessionSetup,
     build_session,
     cfg_bool,
     cfg_int,
@@ -40,8 +39,9 @@ from policy_accel.experiment import (
     prepare_out_dir,
     write_json_atomic,
 )
-from policy_accel.hardware import hardware
-from policy_accel.tasks import env_factory
+from policy_accel.experiment.episodes import outcome_from_dict, outcome_to_dict, run_episodes
+from policy_accel.experiment.hardware import hardware
+from policy_accel.experiment.tasks import env_factory
 
 log = logging.getLogger("rollout")
 PROGRESS_FILE = "episodes.partial.json"  # finished episodes of an unfinished run: a re-run resumes from them
@@ -67,37 +67,37 @@ def job_overrides() -> tuple[list[str], str | None]:
     return list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("experiment")
 
 
-def warm_options(runner) -> dict | None:
-    """The knobs of an rti / falcon warm start as the runner validated them (None for other warm starts)."""
-    config = runner.rti or runner.falcon
+def warm_options(session) -> dict | None:
+    """The knobs of an rti / falcon warm start as the session validated them (None for other warm starts)."""
+    config = session.rti or session.falcon
     return None if config is None else {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
-def run_identity(cfg: DictConfig, session: Session, env_batch: int) -> dict:
+def run_identity(cfg: DictConfig, setup: SessionSetup, env_batch: int) -> dict:
     """Every setting that changes a result, as results.json records it: runs are the same only if all agree."""
-    budget = session.runner.budget
+    budget = setup.session.budget
     return {
         "task": cfg.task.name,
         "max_episode_steps": cfg.task.max_episode_steps,
-        "solver": session.solver.name,
+        "solver": setup.solver.name,
         "policy": cfg.policy.name,
-        "schedule": session.schedule.describe(),
+        "schedule": setup.schedule.describe(),
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": session.warm_start,
-        "renoise_steps": session.runner.renoise_steps,
-        "warm_options": warm_options(session.runner),
-        "tail_fill": session.runner.tail_fill,
-        "noise": session.runner.noise,
+        "warm_start": setup.warm_start,
+        "renoise_steps": setup.session.renoise_steps,
+        "warm_options": warm_options(setup.session),
+        "tail_fill": setup.session.tail_fill,
+        "noise": setup.session.noise,
         "budget": {
             "max_iterations": None if budget is None else budget.max_iterations,
             "time_ms": None if budget is None or budget.time_s is None else cfg.budget.time_ms,
         },
-        "check_exactness": session.runner.check_exactness,
-        "checkpoint": session.checkpoint,
+        "check_exactness": setup.session.check_exactness,
+        "checkpoint": setup.checkpoint,
         "env_batch": env_batch,
-        "threads": session.threads,
-        "device": session.device,
-        "seeds": session.seeds,
+        "threads": setup.threads,
+        "device": setup.device,
+        "seeds": setup.seeds,
     }
 
 
@@ -154,13 +154,13 @@ def rollout(cfg: DictConfig) -> dict:
     make_env = partial(
         env_factory(cfg.task.name), max_episode_steps=cfg.task.max_episode_steps, render_offscreen=save_video
     )
-    session = build_session(cfg)
-    policy, schedule, runner, seeds, checkpoint = (
-        session.policy,
-        session.schedule,
-        session.runner,
-        session.seeds,
-        session.checkpoint,
+    setup = build_session(cfg)
+    policy, schedule, session, seeds, checkpoint = (
+        setup.policy,
+        setup.schedule,
+        setup.session,
+        setup.seeds,
+        setup.checkpoint,
     )
     native = policy.config.schedule
     if (schedule.config.kind, schedule.config.num_inference_steps) != (native.kind, native.num_inference_steps):
@@ -172,15 +172,15 @@ def rollout(cfg: DictConfig) -> dict:
             native.kind,
             native.num_inference_steps,
         )
-    if runner.renoise:
+    if session.renoise:
         log.warning(
             "APPROXIMATE warm start (renoise, last %d of %d steps): chunks are not the sampler's output for any "
             "noise; results.json records approximate=true",
-            runner.renoise_steps,
+            session.renoise_steps,
             schedule.num_steps,
         )
     out_dir = prepare_out_dir(cfg.out_dir)  # before the first episode: a run must not fail only at its end
-    identity = run_identity(cfg, session, env_batch)
+    identity = run_identity(cfg, setup, env_batch)
     done, partial_run = check_existing(out_dir, identity, skip_existing)
     if done is not None:
         log.info("%s already holds this run's results.json: skipped (skip_existing=true)", cfg.out_dir)
@@ -193,10 +193,10 @@ def rollout(cfg: DictConfig) -> dict:
         cfg.task.name,
         checkpoint,
         cfg.policy.name,
-        session.solver.name,
+        setup.solver.name,
         dict(cfg.solver.options),
-        session.warm_start,
-        runner.noise,
+        setup.warm_start,
+        session.noise,
         len(seeds),
         env_batch,
     )
@@ -207,7 +207,7 @@ def rollout(cfg: DictConfig) -> dict:
 
     try:
         outcome = run_episodes(
-            make_env, runner, seeds, env_batch, record_video=save_video, finished=finished, on_group=keep
+            make_env, session, seeds, env_batch, record_video=save_video, finished=finished, on_group=keep
         )
     except KeyboardInterrupt:
         kept = _read_json(out_dir / PROGRESS_FILE)
@@ -221,8 +221,8 @@ def rollout(cfg: DictConfig) -> dict:
     results = {
         **identity,
         # an inference stopped by its budget returned an estimate, not the sampler's output
-        "approximate": runner.approximate or summary["unconverged_inferences"] > 0,
-        "hardware": hardware(torch.device(session.device), session.threads),
+        "approximate": session.approximate or summary["unconverged_inferences"] > 0,
+        "hardware": hardware(torch.device(setup.device), setup.threads),
         "overrides": overrides,
         "experiment": experiment,
         **summary,

@@ -4,7 +4,8 @@
     python eval/solver_bench.py policy=ddim16 n_obs=20
     python eval/solver_bench.py 'configurations=[paradigms,newton_broyden_cold]'
 
-Configurations are named configurations (``configs/experiment/<name>.yaml``, policy_accel/configurations.py), each
+Configurations are named configurations (``configs/experiment/<name>.yaml``,
+policy_accel/experiment/configurations.py), each
 built by ``build_session`` with this run's sampler (``policy=``: every configuration solves the same chain), task,
 device and threads. They are solved cold, so a configuration with a warm start (which needs a closed loop: use
 eval/latency.py or eval/rollout.py) is refused; a configuration's round budget is honoured. For each observation
@@ -25,10 +26,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from policy_accel.configurations import build_configuration, check_names
 from policy_accel.data import build_dataset
 from policy_accel.errors import ConfigError, report_user_errors
-from policy_accel.experiment import Session, prepare_out_dir
+from policy_accel.experiment.build import SessionSetup, prepare_out_dir
+from policy_accel.experiment.configurations import build_configuration, check_names
 from policy_accel.solvers.sequential import SequentialSolver
 
 log = logging.getLogger("solver_bench")
@@ -42,8 +43,8 @@ def dataset_observations(task: DictConfig, n: int, seed: int) -> np.ndarray:
     return dataset.batch(rows)[0].numpy()
 
 
-def build_sessions(cfg: DictConfig) -> dict[str, tuple[dict, Session]]:
-    """Every configuration's (description, session), all on one policy and sampler; warm starts refused."""
+def build_sessions(cfg: DictConfig) -> dict[str, tuple[dict, SessionSetup]]:
+    """Every configuration's (description, setup), all on one policy and sampler; warm starts refused."""
     names = check_names(list(cfg.configurations))
     if BASELINE in names:
         raise ConfigError(f"configurations: {BASELINE!r} is the baseline every configuration is compared with")
@@ -55,31 +56,31 @@ def build_sessions(cfg: DictConfig) -> dict[str, tuple[dict, Session]]:
         "threads": cfg.threads,
         "check_exactness": False,
     }
-    sessions, policy = {}, None
+    setups, policy = {}, None
     for name in names:
-        run_cfg, session = build_configuration(name, values=shared, policy=policy)
-        if session.warm_start is not False:
+        run_cfg, setup = build_configuration(name, values=shared, policy=policy)
+        if setup.warm_start is not False:
             raise ConfigError(
-                f"configuration {name!r} sets warm_start={session.warm_start!r}: a warm start needs the previous "
+                f"configuration {name!r} sets warm_start={setup.warm_start!r}: a warm start needs the previous "
                 "control step, and this benchmark solves each observation cold (use eval/latency.py or eval/rollout.py)"
             )
-        policy = session.policy  # loaded once, by the first configuration's session
-        about = {"experiment": name, "solver": session.solver.name}
+        policy = setup.policy  # loaded once, by the first configuration's setup
+        about = {"experiment": name, "solver": setup.solver.name}
         about["options"] = OmegaConf.to_container(run_cfg.solver.options, resolve=True)
-        sessions[name] = (about, session)
-    return sessions
+        setups[name] = (about, setup)
+    return setups
 
 
 @torch.inference_mode()
 def bench(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.threads)
-    sessions = build_sessions(cfg)
-    if not sessions:
+    setups = build_sessions(cfg)
+    if not setups:
         raise ConfigError("configurations is empty: name at least one of configs/experiment/")
-    first = next(iter(sessions.values()))[1]
+    first = next(iter(setups.values()))[1]
     policy, schedule = first.policy, first.schedule
     baseline = ({"experiment": None, "solver": BASELINE, "options": {}}, None)
-    runs = {BASELINE: baseline, **sessions}
+    runs = {BASELINE: baseline, **setups}
     observations = dataset_observations(cfg.task, cfg.n_obs, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     stats = {c: {"iterations": [], "nfe": [], "latency_ms": [], "dev": [], "converged": []} for c in runs}
@@ -89,15 +90,15 @@ def bench(cfg: DictConfig) -> dict:
         cond = policy.condition(obs[None])
         noise = policy.draw_noise(schedule, 1, generator)
         reference = None
-        for c, (_, session) in runs.items():
-            solver = reference_solver if session is None else session.solver
-            budget = None if session is None else session.runner.budget
+        for c, (_, setup) in runs.items():
+            solver = reference_solver if setup is None else setup.solver
+            budget = None if setup is None else setup.session.budget
             times = []
             for _ in range(cfg.repeats):
                 start = time.perf_counter()
                 result = solver.solve(policy.denoiser, schedule, noise, cond, budget=budget)
                 times.append(time.perf_counter() - start)
-            reference = result.sample if session is None else reference
+            reference = result.sample if setup is None else reference
             s = stats[c]
             s["iterations"].append(result.iterations)
             s["nfe"].append(result.nfe)

@@ -10,7 +10,7 @@ import os
 PRIMITIVE_CACHE_CAPACITY = "8192"
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
 
-from policy_accel.checkpoint import CheckpointError, load_policy, save_policy  # noqa: E402
+from policy_accel.io.checkpoint import CheckpointError, load_policy, save_policy  # noqa: E402
 from policy_accel.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
 from policy_accel.schedule import Schedule, ScheduleConfig  # noqa: E402
 from policy_accel.solvers import make_solver  # noqa: E402

@@ -31,10 +31,10 @@ observation)`` if given, else repeats the last action (for position control: sta
 ``"continue"`` executes the newest chunk's own prediction for that tick (its ``reserve``, the horizon
 past the executed chunk) and holds only past its end.
 
-Example (a robot loop at 10 Hz; ``runner`` is a :class:`~policy_accel.runner.PolicyRunner`)::
+Example (a robot loop at 10 Hz; ``session`` is a :class:`~policy_accel.session.Session`)::
 
     clock = MonotonicClock()
-    with RealTimeController(RunnerPlanner(runner), dt=0.1, n_obs_steps=2, hold_action=hold) as ctrl:
+    with RealTimeController(SessionPlanner(session), dt=0.1, n_obs_steps=2, hold_action=hold) as ctrl:
         t0 = ctrl.start_episode(robot.observe())       # the robot waits at rest for its first chunk
         for k in itertools.count():
             t = t0 + k * 0.1                           # absolute tick times: the period cannot drift
@@ -67,7 +67,7 @@ import numpy as np
 from policy_accel.observations import ObservationHistory
 
 if TYPE_CHECKING:  # the controller itself needs neither torch nor the policy
-    from policy_accel.runner import PolicyRunner
+    from policy_accel.session import Session
 
 FALLBACKS = ("hold", "continue")
 
@@ -113,7 +113,7 @@ class FakeClock:
 
 
 @dataclass
-class Plan:
+class PlannedChunk:
     """A planner's answer: ``actions[i]`` is meant for ``t_obs + (action_offset + i) * dt``."""
 
     actions: np.ndarray  # (n, action_dim)
@@ -122,40 +122,38 @@ class Plan:
     info: dict = field(default_factory=dict)
 
 
-# obs_history (n_obs_steps, obs_dim), time budget in seconds (None: unlimited) -> Plan (or the bare actions)
-Planner = Callable[[np.ndarray, "float | None"], "Plan | np.ndarray"]
+# obs_history (n_obs_steps, obs_dim), time budget in seconds (None: unlimited) -> PlannedChunk (or the bare actions)
+Planner = Callable[[np.ndarray, "float | None"], "PlannedChunk | np.ndarray"]
 
 
-class RunnerPlanner:
-    """Adapts a :class:`~policy_accel.runner.PolicyRunner` to the planner protocol (batch 1).
+class SessionPlanner:
+    """Adapts a :class:`~policy_accel.session.Session` to the planner protocol (batch 1).
 
-    The controller's time budget becomes the solve's ``Budget.time_s`` (capped by the runner's own,
+    The controller's time budget becomes the solve's ``Budget.time_s`` (capped by the session's own,
     whose ``max_iterations`` is kept). The reserve is the rest of the predicted horizon after the executed
     chunk. Warm starts shift by ``n_action_steps``: that matches the controller's replanning with
     ``chunk_steps=n_action_steps`` (while its lead is steady); when it replans more often, the initial guess
     is misaligned and only costs iterations (the chain is still solved to the solver's tolerance).
     """
 
-    def __init__(self, runner: PolicyRunner):
-        self.runner = runner
+    def __init__(self, session: Session):
+        self.session = session
 
-    def __call__(self, obs_history: np.ndarray, time_budget_s: float | None) -> Plan:
+    def __call__(self, obs_history: np.ndarray, time_budget_s: float | None) -> PlannedChunk:
         from policy_accel.solvers.base import Budget
 
-        base = self.runner.budget
+        base = self.session.budget
         time_s = time_budget_s
         if base is not None and base.time_s is not None:
             time_s = base.time_s if time_s is None else min(time_s, base.time_s)
         max_iterations = None if base is None else base.max_iterations
         budget = None if time_s is None and max_iterations is None else Budget(max_iterations, time_s)
-        actions, result, record = self.runner.plan(np.asarray(obs_history)[None], budget=budget)
-        cfg = self.runner.policy.config
-        start = cfg.n_obs_steps - 1 + cfg.n_action_steps
-        reserve = self.runner.policy.action_normalizer.unnormalize(result.sample[:, start:])
-        return Plan(actions[0], record.converged, reserve.detach().cpu().numpy()[0], dataclasses.asdict(record))
+        plan = self.session.plan(np.asarray(obs_history)[None], budget=budget)
+        reserve = self.session.policy.reserve(plan.result.sample)[0]
+        return PlannedChunk(plan.actions[0], plan.record.converged, reserve, dataclasses.asdict(plan.record))
 
     def reset(self, seed: int | None = None) -> None:
-        self.runner.reset(seed)
+        self.session.reset(seed)
 
 
 @dataclass(frozen=True)
@@ -240,7 +238,7 @@ class _Request:
 @dataclass
 class _Done:
     request: _Request
-    plan: Plan
+    plan: PlannedChunk
     started: float
     finished: float
     budget_s: float | None
@@ -629,13 +627,13 @@ class RealTimeController:
         raise RuntimeError("no action to hold: pass hold_action, or call start_episode before the first act")
 
 
-def _as_plan(out: Plan | np.ndarray) -> Plan:
+def _as_plan(out: PlannedChunk | np.ndarray) -> PlannedChunk:
     """Accept a bare action array too; check shapes and finiteness where the mistake is made."""
-    plan = out if isinstance(out, Plan) else Plan(np.asarray(out))
+    plan = out if isinstance(out, PlannedChunk) else PlannedChunk(np.asarray(out))
     actions = np.asarray(plan.actions, dtype=np.float64)
     if actions.ndim != 2 or actions.shape[0] < 1:
         raise ValueError(f"planner must return actions of shape (n >= 1, action_dim), got {actions.shape}")
     if not np.all(np.isfinite(actions)):
         raise ValueError("planner returned non-finite actions")
     reserve = None if plan.reserve is None else np.asarray(plan.reserve, dtype=np.float64).reshape(-1, actions.shape[1])
-    return Plan(actions, bool(plan.converged), reserve, dict(plan.info))
+    return PlannedChunk(actions, bool(plan.converged), reserve, dict(plan.info))

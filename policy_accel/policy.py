@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from policy_accel.errors import ObservationError
-from policy_accel.normalizer import LinearNormalizer
+from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.schedule import Schedule, ScheduleConfig
-from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
+from policy_accel.solvers.base import Noise, Solver, SolveResult
 
 
 @dataclass
@@ -162,8 +162,8 @@ class DiffusionPolicy:
         return self
 
     def use_cuda_graphs(self) -> DiffusionPolicy:
-        """Replay the denoiser from CUDA graphs (one per padded batch size; see policy_accel.graphs)."""
-        from policy_accel.graphs import GraphedDenoiser
+        """Replay the denoiser from CUDA graphs (one per padded batch size; see policy_accel.model.graphs)."""
+        from policy_accel.model.graphs import GraphedDenoiser
 
         self._forward = GraphedDenoiser(self.model)
         return self
@@ -216,25 +216,18 @@ class DiffusionPolicy:
             self.device
         )
 
-    @torch.inference_mode()
-    def sample(
-        self,
-        global_cond: torch.Tensor,
-        solver: Solver,
-        schedule: Schedule,
-        noise: Noise,
-        init: torch.Tensor | None = None,
-        budget: Budget | None = None,
-        carry: SolveState | None = None,
-    ) -> SolveResult:
-        """Solve the denoising chain in normalized action space."""
-        return solver.solve(self.denoiser, schedule, noise, global_cond, init=init, budget=budget, carry=carry)
-
     def actions(self, normalized_chunk: torch.Tensor) -> np.ndarray:
-        """Normalized chunk (B, H, A) -> the executed raw actions (B, n_action_steps, A)."""
+        """Normalized chunk (B, H, A) -> the executed raw actions (B, n_action_steps, A): DP executes the chunk from
+        the newest observation's step (``n_obs_steps - 1``)."""
         start = self.config.n_obs_steps - 1
         chunk = self.action_normalizer.unnormalize(normalized_chunk[:, start : start + self.config.n_action_steps])
         return chunk.detach().cpu().numpy()
+
+    def reserve(self, normalized_chunk: torch.Tensor) -> np.ndarray:
+        """Normalized chunk (B, H, A) -> the raw predictions after the executed actions (B, rest, A): what a
+        real-time controller plays when the next chunk is late."""
+        start = self.config.n_obs_steps - 1 + self.config.n_action_steps
+        return self.action_normalizer.unnormalize(normalized_chunk[:, start:]).detach().cpu().numpy()
 
     def predict_action(
         self,
@@ -247,7 +240,8 @@ class DiffusionPolicy:
         schedule = schedule or self.schedule()
         cond = self.condition(obs_history)
         noise = self.draw_noise(schedule, cond.shape[0], generator)
-        result = self.sample(cond, solver, schedule, noise)
+        with torch.inference_mode():
+            result = solver.solve(self.denoiser, schedule, noise, cond)
         return self.actions(result.sample), result
 
 

@@ -142,7 +142,7 @@ class ProfiledSolver:
     """A solver that records each solve it runs: wall time and time inside the network (the device synchronised
     around each call), or, with ``count=True``, operators and host reads outside the network (:class:`OpCounter`;
     counting slows the solve, so its times are not kept). It implements the solver protocol, so a
-    :class:`~policy_accel.runner.PolicyRunner` drives it exactly as it drives the solver it wraps."""
+    :class:`~policy_accel.session.Session` drives it exactly as it drives the solver it wraps."""
 
     def __init__(self, solver, count: bool = False):
         self.solver, self.count = solver, count

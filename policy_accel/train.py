@@ -22,14 +22,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from policy_accel.checkpoint import save_policy
 from policy_accel.data import build_dataset
 from policy_accel.errors import report_user_errors
-from policy_accel.experiment import cfg_float, cfg_int
-from policy_accel.normalizer import LinearNormalizer
+from policy_accel.experiment.build import cfg_float, cfg_int
+from policy_accel.io.checkpoint import save_policy
+from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
 log = logging.getLogger(__name__)
 

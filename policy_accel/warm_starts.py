@@ -28,7 +28,7 @@
   this inference's x_T draw; entries stop being candidates once they no longer overlap the horizon; and the screening
   call's network output is reused as the chosen candidate's first step (the same input, so no extra round).
 
-Both run the remaining steps with whatever solver the runner holds (a sequential DDIM/DPM-Solver++/UniPC loop, or a
+Both run the remaining steps with whatever solver the session holds (a sequential DDIM/DPM-Solver++/UniPC loop, or a
 parallel solver on a one-step chain), so they compose with every sampler family.
 """
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_accel.checkpoint import load_policy
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
+from policy_accel.io.checkpoint import load_policy
+from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PUSHT_CHECKPOINT = ROOT / "checkpoints" / "pusht"

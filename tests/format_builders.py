@@ -4,7 +4,7 @@ The files use the source projects' key names and config structure (see
 ``/work/shared/reference/diffusion-policy-ecosystem.md``): a DP workspace ``.ckpt`` with a resolved
 ``train_diffusion_unet_lowdim_workspace`` cfg, and a LeRobot ``diffusion`` directory with its processor files.
 :class:`LeRobotUnet` re-creates LeRobot's ``DiffusionConditionalUnet1d`` module layout; it is written from
-LeRobot's source, independently of ``policy_accel.formats``' rename map, so a wrong map cannot pass a test by
+LeRobot's source, independently of ``policy_accel.io.formats``' rename map, so a wrong map cannot pass a test by
 agreeing with itself.
 
     python tests/format_builders.py checkpoints/pusht /tmp/byo   # writes /tmp/byo/{dp.ckpt,lerobot/}
@@ -471,7 +471,7 @@ class LeRobotUnet(nn.Module):
 
 def main(argv: list[str] | None = None) -> None:
     """Write ``OUT/dp.ckpt`` and ``OUT/lerobot/`` from one of our checkpoints (to try the loaders end to end)."""
-    from policy_accel.checkpoint import load_policy
+    from policy_accel.io.checkpoint import load_policy
 
     src, out = (argv if argv is not None else sys.argv[1:])[:2]
     policy = load_policy(src)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_accel.checkpoint import load_policy
 from policy_accel.errors import EXIT_USER_ERROR, PickleRefusedError
+from policy_accel.io.checkpoint import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 PUSHT = ROOT / "checkpoints" / "pusht"
@@ -121,10 +121,10 @@ def _edit_config(path: Path, edit) -> None:
 @pytest.fixture
 def small_ckpt(tmp_path) -> Path:
     """A small random PushT-shaped policy in our format."""
-    from policy_accel.checkpoint import save_policy
-    from policy_accel.normalizer import LinearNormalizer
+    from policy_accel.io.checkpoint import save_policy
+    from policy_accel.model.normalizer import LinearNormalizer
+    from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
     from policy_accel.policy import DiffusionPolicy, PolicyConfig
-    from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
     torch.manual_seed(0)
     config = PolicyConfig(unet=UNetConfig(down_dims=[16, 32, 64], diffusion_step_embed_dim=32))
@@ -164,10 +164,10 @@ def test_observations_are_checked_as_the_network_sees_them(trained_policy):
     import numpy as np
 
     from policy_accel.errors import ObservationError
-    from policy_accel.runner import PolicyRunner
+    from policy_accel.session import Session
     from policy_accel.solvers import make_solver
 
-    runner = PolicyRunner(
+    session = Session(
         trained_policy, make_solver("sequential"), trained_policy.schedule(kind="ddim", num_inference_steps=2)
     )
     good = np.full((1, 2, 18), 100.0)
@@ -180,11 +180,11 @@ def test_observations_are_checked_as_the_network_sees_them(trained_policy):
         obs = good.copy()
         obs[0, 1, 5] = value
         with pytest.raises(ObservationError, match=rf"{where}.*(\[batch 0, step 1, dim 5\]|units)"):
-            runner.plan(obs)
+            session.plan(obs)
     for bad in (np.zeros((1, 3, 18)), np.zeros((0, 2, 18)), [["a"] * 18] * 2, np.zeros((2, 18))):
         with pytest.raises(ObservationError, match="observation history"):
-            runner.plan(bad)
-    actions, _, _ = runner.plan(good)  # and a good one still plans
+            session.plan(bad)
+    actions, _, _ = session.plan(good)  # and a good one still plans
     assert actions.shape == (1, 8, 2) and np.isfinite(actions).all()
 
 
@@ -192,15 +192,15 @@ def test_weights_broken_after_loading_are_blamed_not_the_solver(small_ckpt):
     import numpy as np
 
     from policy_accel.errors import CheckpointError
-    from policy_accel.runner import PolicyRunner
+    from policy_accel.session import Session
     from policy_accel.solvers import make_solver
 
     policy = load_policy(small_ckpt)
     with torch.no_grad():
         next(policy.model.parameters()).fill_(float("nan"))
-    runner = PolicyRunner(policy, make_solver("sequential"), policy.schedule(kind="ddim", num_inference_steps=2))
+    session = Session(policy, make_solver("sequential"), policy.schedule(kind="ddim", num_inference_steps=2))
     with pytest.raises(CheckpointError, match="weights are not finite, not the solver"):
-        runner.plan(np.full((1, 2, 18), 100.0))
+        session.plan(np.full((1, 2, 18), 100.0))
 
 
 def test_rollout_of_a_checkpoint_with_a_nan_weight_fails_naming_file_and_tensor(tmp_path):
@@ -298,10 +298,10 @@ def test_realtime_counts_a_tick_that_is_both_a_fallback_and_late_once():
     cfg = _compose("realtime.yaml", ["rate_hz=1000", "offline_results=null", "out_dir=/tmp/unused"], hydra=False)
     ep = EpisodeLog(0, steps=3, misses=1, miss_ticks=[1], wake_s=[0.0, 0.0021, 0.003], late_s=[0.0, 0.0011, 0.0])
     ep.chunk_actions = {0: 2}
-    runner = SimpleNamespace(renoise_steps=None, tail_fill="repeat", approximate=False)
-    session = SimpleNamespace(warm_start=False, runner=runner, checkpoint="c")
+    session = SimpleNamespace(renoise_steps=None, tail_fill="repeat", approximate=False)
+    setup = SimpleNamespace(warm_start=False, session=session, checkpoint="c")
     ctrl = SimpleNamespace(stats=Stats())
-    out = summarize(cfg, session, [ep], [], ctrl)
+    out = summarize(cfg, setup, [ep], [], ctrl)
     assert out["fallback_ticks"] == 1 and out["overrun_ticks"] == 1 and out["missed_ticks"] == 1
 
 
@@ -311,7 +311,7 @@ def test_realtime_counts_a_tick_that_is_both_a_fallback_and_late_once():
 def _compose(config: str, overrides: list[str], hydra: bool = True):
     from hydra import compose, initialize_config_dir
 
-    import policy_accel.experiment  # noqa: F401  (registers ${run_id:})
+    import policy_accel.experiment.build  # noqa: F401  (registers ${run_id:})
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         return compose(config, overrides=overrides, return_hydra_config=hydra)
@@ -437,9 +437,9 @@ def test_run_values_of_the_wrong_type_or_range_name_key_value_and_what_is_allowe
 
     cfg = _compose(config, [override, "out_dir=/tmp/unused"], hydra=False)
     if config == "realtime.yaml":
-        from policy_accel.realtime_config import build_realtime_session as build
+        from policy_accel.experiment.realtime import build_realtime_session as build
     else:
-        from policy_accel.experiment import build_session as build
+        from policy_accel.experiment.build import build_session as build
     with pytest.raises(ConfigError) as err:
         build(cfg)
     assert words in str(err.value), str(err.value)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.checkpoint import CheckpointError, load_policy, save_policy
-from policy_accel.normalizer import LinearNormalizer
+from policy_accel.io.checkpoint import CheckpointError, load_policy, save_policy
+from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.solvers import make_solver
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
 
 @pytest.fixture

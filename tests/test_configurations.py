@@ -1,16 +1,16 @@
-"""policy_accel/configurations.py: a configuration by name means the same session in every entry point."""
+"""policy_accel/experiment/configurations.py: a configuration by name means the same setup in every entry point."""
 
 from __future__ import annotations
 
 import pytest
 
-from policy_accel.configurations import (
+from policy_accel.errors import ConfigError
+from policy_accel.experiment.configurations import (
     build_configuration,
     check_names,
     compose_configuration,
     configuration_names,
 )
-from policy_accel.errors import ConfigError
 
 
 def test_names_are_the_experiment_files():
@@ -22,20 +22,20 @@ def test_names_are_the_experiment_files():
 
 
 def test_a_configuration_builds_its_solver_sampler_and_warm_start():
-    cfg, session = build_configuration("newton_chord_warm", values={"threads": 1})
-    assert session.solver.name == "newton" and session.solver.jacobian == "chord"
-    assert session.warm_start is True and session.runner.noise == "coupled" and session.schedule.num_steps == 100
-    assert cfg.check_exactness is True and session.runner.check_exactness
+    cfg, setup = build_configuration("newton_chord_warm", values={"threads": 1})
+    assert setup.solver.name == "newton" and setup.solver.jacobian == "chord"
+    assert setup.warm_start is True and setup.session.noise == "coupled" and setup.schedule.num_steps == 100
+    assert cfg.check_exactness is True and setup.session.check_exactness
 
 
 def test_overrides_win_over_the_configuration_and_values_replace_nodes():
-    cfg, session = build_configuration(
+    cfg, setup = build_configuration(
         "newton_chord_warm", ["policy=ddim16"], values={"threads": 1, "check_exactness": False}
     )
-    assert cfg.policy.name == "ddim16" and session.schedule.num_steps == 16
-    assert not session.runner.check_exactness and session.threads == 1
-    _, shared = build_configuration("seq_ddim4", values={"threads": 1}, policy=session.policy)
-    assert shared.policy is session.policy and shared.schedule.num_steps == 4  # one network, its own sampler
+    assert cfg.policy.name == "ddim16" and setup.schedule.num_steps == 16
+    assert not setup.session.check_exactness and setup.threads == 1
+    _, shared = build_configuration("seq_ddim4", values={"threads": 1}, policy=setup.policy)
+    assert shared.policy is setup.policy and shared.schedule.num_steps == 4  # one network, its own sampler
 
 
 def test_a_bad_group_or_value_is_a_one_line_config_error():

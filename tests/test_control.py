@@ -10,9 +10,9 @@ import pytest
 from policy_accel.control import (
     FakeClock,
     InferenceError,
-    Plan,
+    PlannedChunk,
     RealTimeController,
-    RunnerPlanner,
+    SessionPlanner,
 )
 
 DT = 0.1
@@ -30,7 +30,7 @@ class GatedPlanner:
         self._gate = threading.Semaphore(0)
         self._called = threading.Condition()
 
-    def __call__(self, history: np.ndarray, budget: float | None) -> Plan:
+    def __call__(self, history: np.ndarray, budget: float | None) -> PlannedChunk:
         with self._called:
             self.calls.append((history.copy(), budget))
             c = len(self.calls)
@@ -38,7 +38,7 @@ class GatedPlanner:
         if self.gated and not self._gate.acquire(timeout=10):
             raise TimeoutError("test planner was never released")
         actions = np.array([[100.0 * c + i, c] for i in range(self.n + self.reserve)])
-        return Plan(actions[: self.n], True, actions[self.n :] if self.reserve else None, {"chunk": c})
+        return PlannedChunk(actions[: self.n], True, actions[self.n :] if self.reserve else None, {"chunk": c})
 
     def wait_calls(self, n: int) -> list[tuple[np.ndarray, float | None]]:
         """The calls so far, once there are ``n`` (the worker picks a request up asynchronously)."""
@@ -236,16 +236,15 @@ def test_stale_queue_entries_are_dropped_when_ticks_are_skipped(gated):
 
 def test_deadline_expiry_returns_a_valid_chunk(trained_policy):
     """A parallel solver that runs out of the controller's deadline returns its estimate: a usable chunk."""
-    from policy_accel.runner import PolicyRunner
+    from policy_accel.session import Session
     from policy_accel.solvers import make_solver
 
-    runner = PolicyRunner(trained_policy, make_solver("paradigms"), trained_policy.schedule())
+    session = Session(trained_policy, make_solver("paradigms"), trained_policy.schedule())
     infos = []
     clock = FakeClock()
     # the chunk is needed 15 ms (fake, handed to the solver as real seconds) after tick 7's observation
-    ctrl = controller(
-        RunnerPlanner(runner), clock, lead_s=0.0, deadline_margin_s=0.085, min_budget_s=1e-3, on_inference=infos.append
-    )
+    planner = SessionPlanner(session)
+    ctrl = controller(planner, clock, lead_s=0.0, deadline_margin_s=0.085, min_budget_s=1e-3, on_inference=infos.append)
     obs = np.random.default_rng(0).uniform(150, 350, 18)
     with ctrl:
         ctrl.start_episode(obs)

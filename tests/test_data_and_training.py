@@ -10,8 +10,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from policy_accel.checkpoint import load_policy
 from policy_accel.data import SequenceDataset, load_replay_buffer, pusht_lowdim_obs
+from policy_accel.io.checkpoint import load_policy
 from policy_accel.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from policy_accel.profiling import OpCounter
-from policy_accel.runner import PolicyRunner
 from policy_accel.schedule import Schedule, ScheduleConfig
+from policy_accel.session import Session
 from policy_accel.solvers import make_solver
 from policy_accel.solvers.base import Noise, SolveState
 from policy_accel.solvers.newton import NewtonState, shift_jacobians
@@ -176,8 +176,8 @@ def test_trace_hook_sees_every_round(random_net, name):
 
 def test_runner_labels_warm_starts_by_the_solvers_attribute_not_its_name(trained_policy):
     schedule = trained_policy.schedule(kind="ddim", num_inference_steps=10)
-    assert PolicyRunner(trained_policy, make_solver("paradigms"), schedule, True).approximate
-    assert not PolicyRunner(trained_policy, make_solver("newton"), schedule, True).approximate
+    assert Session(trained_policy, make_solver("paradigms"), schedule, True).approximate
+    assert not Session(trained_policy, make_solver("newton"), schedule, True).approximate
     relabelled = make_solver("newton")
     relabelled.exact_warm_start = False
-    assert PolicyRunner(trained_policy, relabelled, schedule, True).approximate
+    assert Session(trained_policy, relabelled, schedule, True).approximate

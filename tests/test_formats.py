@@ -26,12 +26,12 @@ from format_builders import (
 )
 from safetensors.torch import load_file, save_file
 
-from policy_accel.checkpoint import CheckpointError, load_policy, read_checkpoint
-from policy_accel.normalizer import LinearNormalizer
+from policy_accel.io.checkpoint import CheckpointError, load_policy, read_checkpoint
+from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig
 from policy_accel.solvers import make_solver
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DP_POLICIES = "diffusion_policy.policy."

@@ -10,14 +10,14 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from policy_accel.experiment import build_session
+from policy_accel.experiment.build import build_session
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONT2 = yaml.safe_load((ROOT / "configs" / "benchmark.yaml").read_text())["front2"]
 
 
 @pytest.fixture(scope="module")
-def sessions():
+def setups():
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         yield lambda name: build_session(compose("rollout", overrides=[f"+experiment={name}", "n_episodes=1"]))
 
@@ -30,11 +30,11 @@ def test_front2_covers_every_family_at_one_to_sixteen_steps():
 
 
 @pytest.mark.parametrize("name", FRONT2)
-def test_front2_configuration_builds(sessions, name):
-    session = sessions(name)
-    runner, schedule = session.runner, session.schedule
+def test_front2_configuration_builds(setups, name):
+    setup = setups(name)
+    session, schedule = setup.session, setup.schedule
     if name.startswith("seq_"):
-        assert session.solver.name == "sequential" and not runner.approximate and session.warm_start is False
+        assert setup.solver.name == "sequential" and not session.approximate and setup.warm_start is False
         steps = int(re.search(r"(\d+)(_thresh15)?$", name).group(1))
         assert schedule.num_steps == steps
         kind = {"ddimtr": "ddim", "dpmpp2m": "dpmpp2m", "unipc": "unipc"}.get(name.split("_")[1], None)
@@ -42,8 +42,8 @@ def test_front2_configuration_builds(sessions, name):
         assert ("ddimtr" in name) == (schedule.config.spacing == "trailing")
         assert ("thresh15" in name) == schedule.config.thresholding
     if name.startswith(("rti_", "falcon_", "renoise_")):
-        assert runner.approximate
+        assert session.approximate
     if name.startswith("rti_"):
-        assert runner.rti is not None and runner.rti.steps == int(name.split("_k")[-1])
+        assert session.rti is not None and session.rti.steps == int(name.split("_k")[-1])
     if name.startswith("falcon_"):
-        assert runner.falcon is not None and runner.falcon.threshold == float("0." + name.split("_e")[1][:2])
+        assert session.falcon is not None and session.falcon.threshold == float("0." + name.split("_e")[1][:2])

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from policy_accel.checkpoint import load_policy
+from policy_accel.io.checkpoint import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

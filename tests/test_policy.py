@@ -1,4 +1,4 @@
-"""Observation validation, action extraction and the warm-start runner."""
+"""Observation validation, action extraction and the warm-start session."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.runner import PolicyRunner, shift_horizon, tail_chain
 from policy_accel.schedule import Schedule, ScheduleConfig
+from policy_accel.session import Session, shift_horizon, tail_chain
 from policy_accel.solvers import make_solver
 from policy_accel.solvers.base import Noise, step_noise
 from policy_accel.solvers.newton import shift_jacobians
@@ -62,21 +62,21 @@ def test_warm_started_runner_returns_the_sequential_sample_of_its_noise(trained_
     """Warm starts reuse the previous solve as the initial guess; the answer is still exact."""
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=16))
     options = {"tolerance": 1e-3} if solver == "paradigms" else {}
-    runner = PolicyRunner(trained_policy, make_solver(solver, **options), schedule, True, noise_policy, seed=0)
+    session = Session(trained_policy, make_solver(solver, **options), schedule, True, noise_policy, seed=0)
     obs = np.random.default_rng(0).uniform(100, 400, (2, 2, 18))
-    _, first, record = runner.plan(obs)
+    _, first, record = session.plan(obs)
     assert not record.warm  # the first inference of an episode is cold
-    _, second, record = runner.plan(obs + 1.0)
+    _, second, record = session.plan(obs + 1.0)
     assert record.warm
-    noise = runner._previous[1]
+    noise = session._previous[1]
     with torch.inference_mode():
         cond = trained_policy.condition(obs + 1.0)
         reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, noise, cond)
     assert second.converged and (second.sample - reference.sample).abs().max() <= 1e-3
     shared = torch.equal(noise.x_T[:, :8], first.trajectory[0][:, 8:])
     assert shared == (noise_policy == "coupled")  # coupled noise keeps the overlap's draws
-    runner.reset(seed=1)
-    assert not runner.plan(obs)[2].warm
+    session.reset(seed=1)
+    assert not session.plan(obs)[2].warm
 
 
 @pytest.mark.parametrize(
@@ -87,8 +87,8 @@ def test_runner_labels_configurations_that_are_not_reliably_exact(trained_policy
     """Warm paradigms' stopping test can pass early (0.24 off on Can), so it is labelled like re-noising."""
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
     steps = 2 if warm_start == "renoise" else None
-    runner = PolicyRunner(trained_policy, make_solver(solver), schedule, warm_start, renoise_steps=steps)
-    assert runner.approximate is approximate
+    session = Session(trained_policy, make_solver(solver), schedule, warm_start, renoise_steps=steps)
+    assert session.approximate is approximate
 
 
 @pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddim", 16)])
@@ -113,20 +113,20 @@ def test_tail_chain_is_the_sampler_chain_of_a_denoiser_that_predicts_a_fixed_cle
 
 def test_chain_tail_fill_keeps_warm_starts_exact(trained_policy):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=16))
-    runner = PolicyRunner(trained_policy, make_solver("newton"), schedule, True, "coupled", seed=0, tail_fill="chain")
+    session = Session(trained_policy, make_solver("newton"), schedule, True, "coupled", seed=0, tail_fill="chain")
     obs = np.random.default_rng(0).uniform(100, 400, (2, 2, 18))
-    runner.plan(obs)
-    _, second, record = runner.plan(obs + 1.0)
+    session.plan(obs)
+    _, second, record = session.plan(obs + 1.0)
     assert record.warm
     with torch.inference_mode():
         cond = trained_policy.condition(obs + 1.0)
-        reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, runner._previous[1], cond)
+        reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, session._previous[1], cond)
     assert second.converged and (second.sample - reference.sample).abs().max() <= 1e-3
     with pytest.raises(ValueError, match="unknown tail_fill 'extrapolate'"):
-        PolicyRunner(trained_policy, make_solver("newton"), schedule, True, tail_fill="extrapolate")
+        Session(trained_policy, make_solver("newton"), schedule, True, tail_fill="extrapolate")
 
 
 def test_unknown_noise_policy_is_rejected(trained_policy):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
     with pytest.raises(ValueError, match="unknown noise policy 'same'"):
-        PolicyRunner(trained_policy, make_solver("sequential"), schedule, noise="same")
+        Session(trained_policy, make_solver("sequential"), schedule, noise="same")

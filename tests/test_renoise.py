@@ -1,4 +1,4 @@
-"""The APPROXIMATE re-noised warm start: Schedule.tail keeps the full chain's alphas, the runner re-noises the
+"""The APPROXIMATE re-noised warm start: Schedule.tail keeps the full chain's alphas, the session re-noises the
 shifted previous sample and runs only the tail, the first inference stays cold, and the run is labelled."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.runner import PolicyRunner, shift_horizon
 from policy_accel.schedule import Schedule, ScheduleConfig
+from policy_accel.session import Session, shift_horizon
 from policy_accel.solvers import make_solver
 from policy_accel.solvers.base import Noise
 
@@ -71,28 +71,28 @@ def _obs(batch: int = 2) -> np.ndarray:
 @pytest.mark.parametrize("noise_policy", ["fresh", "coupled"])
 def test_renoise_runner_is_cold_first_then_runs_only_the_tail(trained_policy, noise_policy):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=10))
-    runner = PolicyRunner(
+    session = Session(
         trained_policy, make_solver("sequential"), schedule, "renoise", noise_policy, seed=0, renoise_steps=3
     )
-    assert runner.approximate
+    assert session.approximate
     obs = _obs()
-    actions, first, record = runner.plan(obs)
+    actions, first, record = session.plan(obs)
     assert not record.warm and first.iterations == 10 and actions.shape == (2, 8, 2)  # first inference: cold
     for step in range(1, 4):
-        actions, result, record = runner.plan(obs + step)
+        actions, result, record = session.plan(obs + step)
         assert record.warm and result.iterations == 3 and record.nfe == 3 * 2 and record.converged
         assert actions.shape == (2, 8, 2) and np.isfinite(actions).all() and result.sample.shape == (2, 16, 2)
-    runner.reset(seed=1)
-    assert runner.plan(obs)[1].iterations == 10  # a new episode starts cold again
+    session.reset(seed=1)
+    assert session.plan(obs)[1].iterations == 10  # a new episode starts cold again
 
 
 def test_renoise_runner_finishes_the_shifted_renoised_previous_sample(trained_policy):
     """Wiring: the warm chunk is the tail solve from sqrt(abar) shift(previous) + sqrt(1 - abar) x_T of this draw."""
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=10))
-    runner = PolicyRunner(trained_policy, make_solver("sequential"), schedule, "renoise", seed=0, renoise_steps=2)
+    session = Session(trained_policy, make_solver("sequential"), schedule, "renoise", seed=0, renoise_steps=2)
     obs = _obs()
-    _, first, _ = runner.plan(obs)
-    _, second, _ = runner.plan(obs + 1.0)
+    _, first, _ = session.plan(obs)
+    _, second, _ = session.plan(obs + 1.0)
     g = torch.Generator().manual_seed(0)
     trained_policy.draw_noise(schedule, 2, g)  # the first inference's draw
     noise = trained_policy.draw_noise(schedule, 2, g)
@@ -110,8 +110,8 @@ def test_renoise_over_the_whole_ddpm_schedule_reduces_to_a_cold_solve(trained_po
     schedule = Schedule(ScheduleConfig(kind="ddpm", num_inference_steps=100))
     assert float(schedule.sqrt_alpha_prod[0]) < 1e-3
     solver = make_solver("sequential")
-    renoise = PolicyRunner(trained_policy, solver, schedule, "renoise", seed=0, renoise_steps=100)
-    cold = PolicyRunner(trained_policy, solver, schedule, False, seed=0)
+    renoise = Session(trained_policy, solver, schedule, "renoise", seed=0, renoise_steps=100)
+    cold = Session(trained_policy, solver, schedule, False, seed=0)
     obs = _obs(1)
     for step in range(3):
         _, result, record = renoise.plan(obs + step)
@@ -122,11 +122,11 @@ def test_renoise_over_the_whole_ddpm_schedule_reduces_to_a_cold_solve(trained_po
 
 def test_renoise_with_a_parallel_solver_on_the_tail(trained_policy):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=16))
-    runner = PolicyRunner(trained_policy, make_solver("newton"), schedule, "renoise", seed=0, renoise_steps=8)
-    runner.check_exactness = True  # deviation is measured on the chain the solver solved: the tail
+    session = Session(trained_policy, make_solver("newton"), schedule, "renoise", seed=0, renoise_steps=8)
+    session.check_exactness = True  # deviation is measured on the chain the solver solved: the tail
     obs = _obs(1)
-    runner.plan(obs)
-    actions, result, record = runner.plan(obs + 1.0)
+    session.plan(obs)
+    actions, result, record = session.plan(obs + 1.0)
     assert record.warm and result.iterations <= 8 and result.trajectory.shape[0] == 9
     assert np.isfinite(actions).all() and record.deviation is not None and record.deviation <= 1e-3
 
@@ -145,13 +145,13 @@ def test_renoise_with_a_parallel_solver_on_the_tail(trained_policy):
 def test_bad_renoise_options_are_rejected(trained_policy, warm_start, steps, match):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=10))
     with pytest.raises(ValueError, match=match):
-        PolicyRunner(trained_policy, make_solver("sequential"), schedule, warm_start, renoise_steps=steps)
+        Session(trained_policy, make_solver("sequential"), schedule, warm_start, renoise_steps=steps)
 
 
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_exact_warm_start_options_are_not_approximate(trained_policy, warm_start):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
-    runner = PolicyRunner(trained_policy, make_solver("newton"), schedule, warm_start)
-    assert not runner.approximate
-    runner.plan(_obs(1))
-    assert runner.plan(_obs(1))[1].iterations <= 4 and runner.plan(_obs(1))[2].warm == warm_start
+    session = Session(trained_policy, make_solver("newton"), schedule, warm_start)
+    assert not session.approximate
+    session.plan(_obs(1))
+    assert session.plan(_obs(1))[1].iterations <= 4 and session.plan(_obs(1))[2].warm == warm_start

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from policy_accel.results import load_results, pareto
+from policy_accel.experiment.results import load_results, pareto
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_unfinished_and_invalid_runs_are_skipped_with_a_warning(tmp_path, caplog
     (tmp_path / "3").mkdir()
     (tmp_path / "3" / "results.json").write_text('{"policy": "ddi')  # cut off mid-write
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # files beside the run directories are ignored
-    with caplog.at_level("WARNING", logger="policy_accel.results"):
+    with caplog.at_level("WARNING", logger="policy_accel.experiment.results"):
         rows = load_results([tmp_path, tmp_path / "missing"])
     assert [r["policy"] for r in rows] == ["ddim4"]
     text = caplog.text
@@ -76,7 +76,7 @@ def test_unknown_configuration_name_fails(tmp_path):
 
 
 def test_bad_configuration_fails_before_any_job_starts(tmp_path):
-    # every configuration's session is built (build_session) before the first multirun is launched
+    # every configuration's setup is built (build_session) before the first multirun is launched
     run = subprocess.run(
         [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim4]", "threads=0"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,

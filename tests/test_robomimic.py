@@ -16,7 +16,7 @@ import pytest
 
 from envs.robomimic import OBS_KEYS, TASKS, make_env
 from policy_accel.data import load_demonstrations
-from policy_accel.tasks import env_factory
+from policy_accel.experiment.tasks import env_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -169,7 +169,7 @@ def test_newton_batch_rows_converge_like_batch_one_solves(random_net, jacobian):
 
 
 def test_cuda_graphs_refuse_a_cpu_model(random_net):
-    from policy_accel.graphs import GraphedDenoiser
+    from policy_accel.model.graphs import GraphedDenoiser
 
     with pytest.raises(ValueError, match="CUDA"):
         GraphedDenoiser(random_net)

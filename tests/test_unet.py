@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
+from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 
 DP_KEYS = Path(__file__).parent / "data" / "dp_pusht_lowdim_unet_keys.txt"
 

@@ -1,4 +1,4 @@
-"""The published APPROXIMATE warm starts (policy_accel/warm_starts.py): RTI-DP and Falcon run through PolicyRunner,
+"""The published APPROXIMATE warm starts (policy_accel/warm_starts.py): RTI-DP and Falcon run through Session,
 are labelled approximate, their knobs change what they do, and bad knobs are refused."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.runner import PolicyRunner
+from policy_accel.session import Session
 from policy_accel.solvers import make_solver
 from policy_accel.solvers.base import Noise
 from policy_accel.warm_starts import FalconConfig, RTIConfig, falcon_select, rti_chain, rti_guess, shift_chunk
@@ -19,16 +19,16 @@ def _obs(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 512, size=(1, 2, 18))
 
 
-def _plans(runner: PolicyRunner, n: int = 3) -> list:
-    runner.reset(seed=0)
-    return [runner.plan(_obs(i)) for i in range(n)]
+def _plans(session: Session, n: int = 3) -> list:
+    session.reset(seed=0)
+    return [session.plan(_obs(i)) for i in range(n)]
 
 
 def test_rti_runs_the_last_steps_from_the_shifted_clean_chunk_without_noise(trained_policy):
     schedule = trained_policy.schedule(kind="ddpm", num_inference_steps=100)
-    runner = PolicyRunner(trained_policy, make_solver("sequential"), schedule, "rti", warm_options={"steps": 3})
-    assert runner.approximate
-    (_, first, r0), (_, second, r1), _ = _plans(runner)
+    session = Session(trained_policy, make_solver("sequential"), schedule, "rti", warm_options={"steps": 3})
+    assert session.approximate
+    (_, first, r0), (_, second, r1), _ = _plans(session)
     assert r0.iterations == 100 and not r0.warm
     assert r1.iterations == 3 and r1.warm and r1.nfe == 3
     # RTI-DP's PushT config: DDPM-100 steps [2, 1, 0]; the chain starts at the guess itself (no re-noising).
@@ -41,8 +41,8 @@ def test_rti_runs_the_last_steps_from_the_shifted_clean_chunk_without_noise(trai
 
 def test_rti_steps_knob_and_discrete_clip(trained_policy):
     schedule = trained_policy.schedule(kind="ddim", num_inference_steps=10)
-    runner = PolicyRunner(trained_policy, make_solver("sequential"), schedule, "rti", warm_options={"steps": 5})
-    assert [r.iterations for _, _, r in _plans(runner)] == [10, 5, 5]
+    session = Session(trained_policy, make_solver("sequential"), schedule, "rti", warm_options={"steps": 5})
+    assert [r.iterations for _, _, r in _plans(session)] == [10, 5, 5]
     sample = torch.tensor([[[0.3, -0.2], [0.7, 0.4]]])
     guess = rti_guess(sample, 1, RTIConfig(discrete_dims=(1,), discrete_factor=2.0))
     torch.testing.assert_close(guess, torch.tensor([[[0.7, 0.5], [0.7, 0.5]]]))  # shifted, last repeated, dim 1 +-0.5
@@ -61,24 +61,24 @@ def test_rti_steps_knob_and_discrete_clip(trained_policy):
 def test_bad_rti_options_are_refused(trained_policy, options, match):
     schedule = trained_policy.schedule(kind="ddim", num_inference_steps=10)
     with pytest.raises(ValueError, match=match):
-        PolicyRunner(trained_policy, make_solver("sequential"), schedule, "rti", warm_options=options)
+        Session(trained_policy, make_solver("sequential"), schedule, "rti", warm_options=options)
 
 
 def test_warm_options_without_rti_or_falcon_are_refused(trained_policy):
     schedule = trained_policy.schedule(kind="ddim", num_inference_steps=10)
     with pytest.raises(ValueError, match="only used with"):
-        PolicyRunner(trained_policy, make_solver("sequential"), schedule, False, warm_options={"steps": 3})
+        Session(trained_policy, make_solver("sequential"), schedule, False, warm_options={"steps": 3})
 
 
-def _falcon(policy, steps: int = 10, **options) -> PolicyRunner:
+def _falcon(policy, steps: int = 10, **options) -> Session:
     schedule = policy.schedule(kind="ddim", num_inference_steps=steps)
-    return PolicyRunner(policy, make_solver("sequential"), schedule, "falcon", warm_options=options)
+    return Session(policy, make_solver("sequential"), schedule, "falcon", warm_options=options)
 
 
 def test_falcon_greedy_with_a_loose_threshold_restarts_at_the_least_noisy_allowed_level(trained_policy):
-    runner = _falcon(trained_policy, threshold=10.0, temperature=0.0, min_steps=3)
-    assert runner.approximate
-    records = [r for _, _, r in _plans(runner)]
+    session = _falcon(trained_policy, threshold=10.0, temperature=0.0, min_steps=3)
+    assert session.approximate
+    records = [r for _, _, r in _plans(session)]
     assert records[0].iterations == 10 and not records[0].warm
     assert [r.iterations for r in records[1:]] == [3, 3] and all(r.warm for r in records[1:])
     # 7 buffered candidates (3..9 steps left) screened in one call, which is also the chosen start's first step.
@@ -94,8 +94,8 @@ def test_falcon_tight_threshold_or_full_exploration_falls_back_to_a_cold_start(t
 
 
 def test_falcon_max_steps_and_buffer_limit_the_candidates(trained_policy):
-    runner = _falcon(trained_policy, threshold=10.0, temperature=0.0, min_steps=4, max_steps=4, buffer=1)
-    records = [r for _, _, r in _plans(runner)]
+    session = _falcon(trained_policy, threshold=10.0, temperature=0.0, min_steps=4, max_steps=4, buffer=1)
+    records = [r for _, _, r in _plans(session)]
     assert [r.iterations for r in records[1:]] == [4, 4] and records[1].nfe == 1 + 3
 
 

@@ -1,8 +1,8 @@
-"""One function builds a policy session from a run config, so every entry point honours every option alike.
+"""One function builds a policy setup from a run config, so every entry point honours every option alike.
 
 ``eval/rollout.py`` and ``eval/realtime.py`` (and the soak) read the same config groups (``task``, ``solver``,
 ``policy``) and the same run options (``policy.path``, ``policy.trust_pickle``, ``warm_start``, ``tail_fill``,
-``renoise_steps``, ``budget``, ``check_exactness``, ...). Building the policy, schedule, solver and runner in one
+``renoise_steps``, ``budget``, ``check_exactness``, ...). Building the policy, schedule, solver and session in one
 place is what keeps the real-time loop from running another policy than the rollout would. Every value is
 checked here, once, with an error that names the user's key, the value and what is allowed.
 
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from policy_accel.checkpoint import load_policy
 from policy_accel.errors import ConfigError
+from policy_accel.io.checkpoint import load_policy
 from policy_accel.policy import DiffusionPolicy
-from policy_accel.runner import NOISE_POLICIES, TAIL_FILLS, PolicyRunner
 from policy_accel.schedule import Schedule
+from policy_accel.session import NOISE_POLICIES, TAIL_FILLS, Session
 from policy_accel.solvers import SOLVERS, make_solver
 from policy_accel.solvers.base import Budget, Solver
 
@@ -172,18 +172,18 @@ def cfg_budget(cfg: DictConfig) -> Budget | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the session
+# the setup
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Session:
+class SessionSetup:
     """Everything a run needs, built from one config the same way for every entry point."""
 
     policy: DiffusionPolicy
     schedule: Schedule
     solver: Solver
-    runner: PolicyRunner
+    session: Session
     checkpoint: str  # what was loaded: policy.path, else the task's checkpoint
     seeds: list[int]
     warm_start: bool | str
@@ -202,8 +202,8 @@ def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) 
         )
 
 
-def build_session(cfg: DictConfig, *, check_task: bool = True, policy: DiffusionPolicy | None = None) -> Session:
-    """Check every run option of ``cfg`` and build the policy, sampler, solver and runner it describes.
+def build_session(cfg: DictConfig, *, check_task: bool = True, policy: DiffusionPolicy | None = None) -> SessionSetup:
+    """Check every run option of ``cfg`` and build the policy, sampler, solver and session it describes.
 
     ``policy``: an already-loaded policy to run instead of loading ``policy.path`` / ``checkpoint`` again (a timing
     tool that runs many configurations on one network, e.g. eval/latency.py's original-size U-Net).
@@ -245,7 +245,7 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
     except (TypeError, ValueError) as err:
         raise ConfigError(f"policy.schedule={overrides!r} is not a usable sampler for {checkpoint}: {err}") from None
     try:
-        runner = PolicyRunner(
+        session = Session(
             policy,
             solver,
             schedule,
@@ -259,7 +259,7 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
         )
     except ValueError as err:  # e.g. renoise_steps past the schedule's length, or without warm_start=renoise
         raise ConfigError(str(err)) from None
-    return Session(policy, schedule, solver, runner, str(checkpoint), seeds, warm_start, device, threads)
+    return SessionSetup(policy, schedule, solver, session, str(checkpoint), seeds, warm_start, device, threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 __all__ = [
     "RUN_CONTROL_KEYS",
-    "Session",
+    "SessionSetup",
     "build_session",
     "cfg_bool",
     "cfg_choice",

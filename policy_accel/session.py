@@ -25,10 +25,10 @@ Noise policy (for every solver, sequential included, so runs compare on the same
 APPROXIMATE warm start ``warm_start="renoise"`` (with ``renoise_steps=k``): the previous final sample
 is shifted like above, re-noised to the level of the schedule's step ``T-k`` with the forward process
 q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eps = this inference's x_T draw), and only the
-schedule's last ``k`` steps are run (``Schedule.tail(k)``, with the solver the runner holds). This
+schedule's last ``k`` steps are run (``Schedule.tail(k)``, with the solver the session holds). This
 changes the sampling distribution: the result is not the sampler's output for any noise, so it trades
 exactness for k network calls per control step (the idea of streaming / real-time-iteration diffusion
-policies). ``runner.approximate`` is True (also for warm-started paradigms, which is not reliably exact)
+policies). ``session.approximate`` is True (also for warm-started paradigms, which is not reliably exact)
 and every report labels such runs. The first inference of an episode is a full cold solve.
 
 APPROXIMATE published warm starts (``policy_accel/warm_starts.py``, knobs in ``warm_options``): ``warm_start="rti"``
@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,9 +73,18 @@ class InferenceRecord:
     warm: bool
     # max |sample - sequential sample| on the chain the solver solved, same noise (check_exactness only); for a
     # renoise warm start that chain is the schedule's tail from the re-noised start, so the approximation of the
-    # re-noising itself is not in it (it is labelled by ``PolicyRunner.approximate`` instead).
+    # re-noising itself is not in it (it is labelled by ``Session.approximate`` instead).
     deviation: float | None = None
     row_iterations: list[int] | None = None  # rounds per batch row (= a batch-1 solve's count for Newton)
+
+
+class Plan(NamedTuple):
+    """What one control step's inference returns: the executed raw actions (B, n_action_steps, action_dim), the
+    solve (normalized chunk, trajectory, warm state, stats) and its record."""
+
+    actions: np.ndarray
+    result: SolveResult
+    record: InferenceRecord
 
 
 def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, added_noise: torch.Tensor) -> torch.Tensor:
@@ -95,7 +105,7 @@ def shift_horizon(x: torch.Tensor, shift: int, fill: torch.Tensor | None = None)
     return torch.cat([x[..., shift:, :], tail], dim=-2)
 
 
-class PolicyRunner:
+class Session:
     """Runs a :class:`DiffusionPolicy` with one solver at every control step of a batch of episodes."""
 
     def __init__(
@@ -159,7 +169,7 @@ class PolicyRunner:
         self.tail_fill = tail_fill
         self.renoise_steps = renoise_steps
         self.renoise = warm_start == "renoise"
-        # True when the runner's chunks are not (reliably) the sampler's output for their noise: labelled in every
+        # True when the session's chunks are not (reliably) the sampler's output for their noise: labelled in every
         # report and kept out of exact fronts.
         self.approximate = self.renoise or unreliable_warm_start or warm_start in ("rti", "falcon")
         self._tail = schedule.tail(renoise_steps) if self.renoise else None
@@ -233,9 +243,7 @@ class PolicyRunner:
         )
 
     @torch.inference_mode()
-    def plan(
-        self, obs_history: np.ndarray, budget: Budget | None = None
-    ) -> tuple[np.ndarray, SolveResult, InferenceRecord]:
+    def plan(self, obs_history: np.ndarray, budget: Budget | None = None) -> Plan:
         """(B, n_obs_steps, obs_dim) observations -> executed actions (B, n_action_steps, action_dim).
 
         ``budget`` overrides ``self.budget`` for this call (a real-time controller's deadline).
@@ -259,8 +267,8 @@ class PolicyRunner:
             )  # fmt: skip
             rti = any(s > 0 for s in falcon_info["start_steps"])  # warm when any row restarted from the buffer
         else:
-            result = self.policy.sample(
-                cond, self.solver, schedule, chain_noise, init=init, budget=budget or self.budget, carry=carry
+            result = self.solver.solve(
+                self.policy.denoiser, schedule, chain_noise, cond, init=init, budget=budget or self.budget, carry=carry
             )
         actions = self.policy.actions(result.sample)
         latency = time.perf_counter() - start
@@ -282,4 +290,4 @@ class PolicyRunner:
             deviation,
             result.rounds_per_row(),
         )
-        return actions, result, record
+        return Plan(actions, result, record)

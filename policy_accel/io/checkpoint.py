@@ -4,7 +4,7 @@ Our format is a directory with ``config.json`` and ``model.safetensors``: the de
 ``model.<Diffusion Policy key>``, the normalizers under ``normalizer.{obs,action}.*``; safetensors
 never executes code on load. :func:`load_policy` also reads Diffusion Policy's workspace ``.ckpt``
 (a pickle, so only with ``trust_pickle=True``) and LeRobot's diffusion policy directory; the readers
-for those live in :mod:`policy_accel.formats`.
+for those live in :mod:`policy_accel.io.formats`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from policy_accel import formats
-from policy_accel.assembly import assemble_policy, check_trust_pickle, read_safetensors
 from policy_accel.errors import CheckpointError, ConfigError
-from policy_accel.normalizer import LinearNormalizer
+from policy_accel.io import formats
+from policy_accel.io.assembly import assemble_policy, check_trust_pickle, read_safetensors
+from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 
 CONFIG_FILE = "config.json"

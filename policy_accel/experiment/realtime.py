@@ -1,7 +1,7 @@
 """The real-time loop's configuration: its options checked once, and the controller built from them.
 
-Shared by ``eval/realtime.py`` and ``eval/realtime_soak.py`` (scripts never import each other); the session itself
-comes from :func:`policy_accel.experiment.build_session`, exactly as the offline rollout builds it.
+Shared by ``eval/realtime.py`` and ``eval/realtime_soak.py`` (scripts never import each other); the setup itself
+comes from :func:`policy_accel.experiment.build.build_session`, exactly as the offline rollout builds it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from policy_accel.control import FALLBACKS, Clock, InferenceInfo, RealTimeController
-from policy_accel.experiment import Session, build_session, cfg_choice, cfg_float, cfg_int
+from policy_accel.experiment.build import SessionSetup, build_session, cfg_choice, cfg_float, cfg_int
 
 # How a task holds position: PushT's action is the agent's target, so "hold" targets where the agent is.
 HOLD_ACTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"pusht": lambda obs: np.asarray(obs[-2:])}
@@ -35,8 +35,8 @@ def check_loop_options(cfg: DictConfig) -> None:
     cfg_float(cfg, "switch_interval_ms", minimum=0, strict=True, optional=True)
 
 
-def build_realtime_session(cfg: DictConfig) -> Session:
-    """The policy, solver, schedule and runner exactly as eval/rollout.py builds them from the same config (one
+def build_realtime_session(cfg: DictConfig) -> SessionSetup:
+    """The policy, solver, schedule and session exactly as eval/rollout.py builds them from the same config (one
     library function: ``policy.path``, ``trust_pickle``, ``tail_fill``, ``renoise_steps``, budgets and all)."""
     check_loop_options(cfg)
     return build_session(cfg)

@@ -2,7 +2,7 @@
 
 * Diffusion Policy (``real-stanford/diffusion_policy``) workspace checkpoints: ``torch.save({'cfg', 'state_dicts',
   'pickles'}, pickle_module=dill)``. The policy's state dict holds the U-Net under ``model.*`` (our
-  :mod:`policy_accel.unet` uses the same names) and the normalizer under ``normalizer.params_dict.*``. The file is
+  :mod:`policy_accel.model.unet` uses the same names) and the normalizer under ``normalizer.params_dict.*``. The file is
   a pickle: unpickling can run code from it, so it is read only with ``trust_pickle=True``.
 * LeRobot's diffusion policy directory: ``config.json`` (``"type": "diffusion"``) + ``model.safetensors``
   (``diffusion.unet.*``, renamed 1:1 to Diffusion Policy's keys) + the normalizer statistics, either in the
@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from policy_accel.assembly import assemble_policy, check_trust_pickle, read_safetensors
 from policy_accel.errors import CheckpointError, PickleRefusedError
-from policy_accel.normalizer import LinearNormalizer
+from policy_accel.io.assembly import assemble_policy, check_trust_pickle, read_safetensors
+from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.unet import UNetConfig
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig
-from policy_accel.unet import UNetConfig
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 _MISSING = object()
@@ -263,8 +263,8 @@ def _refuse_unsupported_dp(path: Path, cfg: dict, state: dict) -> None:
     latency = _dp_get(cfg, "n_latency_steps", default=0) or 0
     if latency:
         raise CheckpointError(
-            f"{path}: n_latency_steps={latency}: DP's runner drops the first {latency} predicted actions, which this "
-            "toolkit's runner does not do; refusing rather than executing stale actions"
+            f"{path}: n_latency_steps={latency}: DP's session drops the first {latency} predicted actions, which this "
+            "toolkit's session does not do; refusing rather than executing stale actions"
         )
 
 

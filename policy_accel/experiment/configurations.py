@@ -3,7 +3,7 @@
 A named configuration is a Hydra override file of the run config ``configs/rollout.yaml``: it picks the ``solver``
 and ``policy`` (sampler) groups and sets run options such as ``warm_start``, ``renoise_steps`` or
 ``solver.noise``. Every entry point selects configurations by these names and builds each one through
-:func:`policy_accel.experiment.build_session`, so a name means the same policy, sampler, solver and warm start
+:func:`policy_accel.experiment.build.build_session`, so a name means the same policy, sampler, solver and warm start
 everywhere:
 
     python eval/rollout.py +experiment=newton_broyden_warm                       # one, closed loop
@@ -27,10 +27,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from policy_accel.errors import ConfigError
-from policy_accel.experiment import Session, build_session
+from policy_accel.experiment.build import SessionSetup, build_session
 from policy_accel.policy import DiffusionPolicy
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 RUN_CONFIG = "rollout"  # the config a named configuration overrides
 EXPERIMENT_GROUP = "experiment"
 
@@ -85,9 +85,9 @@ def build_configuration(
     values: Mapping[str, Any] | None = None,
     policy: DiffusionPolicy | None = None,
     config_dir: Path = CONFIG_DIR,
-) -> tuple[DictConfig, Session]:
-    """Configuration ``name`` composed (:func:`compose_configuration`) and its session built by
-    :func:`~policy_accel.experiment.build_session` (``policy``: run this already-loaded policy)."""
+) -> tuple[DictConfig, SessionSetup]:
+    """Configuration ``name`` composed (:func:`compose_configuration`) and its setup built by
+    :func:`~policy_accel.experiment.build.build_session` (``policy``: run this already-loaded policy)."""
     cfg = compose_configuration(name, overrides, values, config_dir)
     return cfg, build_session(cfg, policy=policy)
 

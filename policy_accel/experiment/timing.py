@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from policy_accel.checkpoint import load_policy
 from policy_accel.errors import ConfigError
+from policy_accel.io.checkpoint import load_policy
+from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
-from policy_accel.unet import ConditionalUnet1D, UNetConfig
 
 
 def timing_policy(checkpoint: str, model: str, device: torch.device, cuda_graphs: bool) -> DiffusionPolicy:

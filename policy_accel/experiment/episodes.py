@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from policy_accel.observations import ObservationHistory
-from policy_accel.runner import InferenceRecord, PolicyRunner
+from policy_accel.session import InferenceRecord, Session
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def outcome_from_dict(data: dict) -> RolloutOutcome:
 
 def run_episodes(
     make_env: Callable[[], object],
-    runner: PolicyRunner,
+    session: Session,
     seeds: Sequence[int],
     env_batch: int = 1,
     record_video: bool = False,
@@ -98,23 +98,23 @@ def run_episodes(
     finished: RolloutOutcome | None = None,
     on_group: Callable[[RolloutOutcome], None] | None = None,
 ) -> RolloutOutcome:
-    """Run one episode per seed; ``runner`` is reset (and its noise reseeded with the group's first seed).
+    """Run one episode per seed; ``session`` is reset (and its noise reseeded with the group's first seed).
 
-    Why groups are the unit of resumption: each group starts from a reset runner reseeded with its first seed, so
+    Why groups are the unit of resumption: each group starts from a reset session reseeded with its first seed, so
     a group run later gives what it would have given in one go. ``finished`` holds groups of an interrupted run
     of the same seeds (whole groups, a prefix of ``seeds``), which are not run again; ``on_group`` is called with
     everything finished so far after every group, so a caller can keep it on disk.
     """
     if env_batch < 1:
         raise ValueError(f"env_batch={env_batch} must be >= 1")
-    cfg = runner.policy.config
+    cfg = session.policy.config
     episodes: list[EpisodeResult] = list(finished.episodes) if finished else []
     records: list[InferenceRecord] = list(finished.records) if finished else []
     done_seeds = [e.seed for e in episodes]
     if done_seeds != list(seeds[: len(done_seeds)]) or len(done_seeds) % env_batch and len(done_seeds) < len(seeds):
         raise ValueError(f"finished episodes {done_seeds} are not whole groups of env_batch={env_batch} from {seeds}")
     frames: list[np.ndarray] = []
-    bar = tqdm(total=len(seeds), desc=f"rollout {runner.solver.name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(seeds), desc=f"rollout {session.solver.name}", disable=not progress, dynamic_ncols=True)
     bar.update(len(done_seeds))
     for g in range(len(done_seeds), len(seeds), env_batch):
         group = list(seeds[g : g + env_batch])
@@ -122,7 +122,7 @@ def run_episodes(
         history = [ObservationHistory(cfg.n_obs_steps) for _ in group]
         for env, seed, h in zip(envs, group, history, strict=True):
             h.push(env.reset(seed=seed)[0])
-        runner.reset(seed=group[0])
+        session.reset(seed=group[0])
         n = len(group)
         max_reward, success = np.zeros(n), np.zeros(n, dtype=bool)
         steps, inferences = np.zeros(n, dtype=int), np.zeros(n, dtype=int)
@@ -132,7 +132,7 @@ def run_episodes(
             frames.append(envs[0].render())
         while not done.all():
             obs_batch = np.stack([h.stacked() for h in history])
-            actions, _, record = runner.plan(obs_batch)
+            actions, _, record = session.plan(obs_batch)
             if record.row_iterations is not None:  # count live episodes only
                 record.row_iterations = [n for n, over in zip(record.row_iterations, done, strict=True) if not over]
             records.append(record)

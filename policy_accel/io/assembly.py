@@ -12,9 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from policy_accel.errors import CheckpointError, ConfigError
-from policy_accel.normalizer import LinearNormalizer
+from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.unet import ConditionalUnet1D
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
-from policy_accel.unet import ConditionalUnet1D
 
 
 def check_trust_pickle(trust_pickle: object, name: str = "trust_pickle") -> bool:
