@@ -263,7 +263,7 @@ def _refuse_unsupported_dp(path: Path, cfg: dict, state: dict) -> None:
     latency = _dp_get(cfg, "n_latency_steps", default=0) or 0
     if latency:
         raise CheckpointError(
-            f"{path}: n_latency_steps={latency}: DP's session drops the first {latency} predicted actions, which this "
+            f"{path}: n_latency_steps={latency}: DP's runner drops the first {latency} predicted actions, which this "
             "toolkit's session does not do; refusing rather than executing stale actions"
         )
 
