@@ -175,7 +175,12 @@ def main(cfg: DictConfig) -> None:
     log.info("%s; network ms by batch: %s", result["hardware"], result["network_ms"])
     task = cfg.task
     sequences = control_sequences(
-        task.dataset, task.get("obs_keys"), cfg.n_episodes, cfg.n_inferences, policy.config.n_action_steps
+        task.dataset,
+        task.get("obs_keys"),
+        cfg.n_episodes,
+        cfg.n_inferences,
+        policy.config.n_action_steps,
+        policy.config.n_obs_steps,
     )
     for name, (run_cfg, setup) in tqdm(setups.items(), desc="latency", dynamic_ncols=True):
         run_configuration(setup, sequences[:1], profile=False)  # warm-up (graphs, caches)

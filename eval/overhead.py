@@ -80,7 +80,12 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sequences = control_sequences(
-        cfg.task.dataset, cfg.task.get("obs_keys"), cfg.n_episodes, cfg.n_inferences, policy.config.n_action_steps
+        cfg.task.dataset,
+        cfg.task.get("obs_keys"),
+        cfg.n_episodes,
+        cfg.n_inferences,
+        policy.config.n_action_steps,
+        policy.config.n_obs_steps,
     )
     result = {"hardware": hardware(device, cfg.threads), "rows": []}
     standin = {}

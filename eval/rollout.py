@@ -3,7 +3,7 @@
     python eval/rollout.py task=pusht solver=paradigms
     python eval/rollout.py task=pusht solver=newton policy=ddpm100 warm_start=true n_episodes=5
     python eval/rollout.py -m solver=sequential,paradigms warm_start=false,true   # a sweep
-    python eval/rollout.py task=pusht policy.path=PATH solver=paradigms   # your own DP / LeRobot checkpoint
+    python eval/rollout.py task=pusht checkpoint=PATH solver=paradigms   # your own DP / LeRobot checkpoint
     python eval/rollout.py -m hydra/launcher=joblib +experiment=seq_ddim4,paradigms   # jobs in parallel
     python eval/rollout.py solver=sequential policy=ddim10 warm_start=renoise renoise_steps=3   # APPROXIMATE
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from policy_accel.data import load_demonstrations
+from policy_accel.observations import ObservationHistory
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # as in policy_accel.solvers.base
 
@@ -112,16 +113,27 @@ class OpCounter(TorchDispatchMode):
 
 
 def control_sequences(
-    dataset: str, obs_keys: list[str] | None, n_episodes: int, n_inferences: int, n_action_steps: int
+    dataset: str,
+    obs_keys: list[str] | None,
+    n_episodes: int,
+    n_inferences: int,
+    n_action_steps: int,
+    n_obs_steps: int,
 ) -> list[np.ndarray]:
-    """Per dataset episode, the observation histories (n_inferences, 2, obs_dim) a robot would see at its first
-    inferences, one every ``n_action_steps`` frames: real observations for timing and counting solves."""
+    """Per dataset episode, the observation histories (n_inferences, n_obs_steps, obs_dim) a robot would see at its
+    first inferences, one every ``n_action_steps`` frames (padded at the start as in a rollout: the histories come
+    from :class:`~policy_accel.observations.ObservationHistory`): real observations for timing and counting solves."""
     demos = load_demonstrations(dataset, obs_keys)
     obs = demos["obs"]
     sequences, start = [], 0
     for end in demos["episode_ends"][:n_episodes]:
         frames = [min(start + k * n_action_steps, end - 1) for k in range(n_inferences)]
-        sequences.append(np.stack([np.stack([obs[max(f - 1, start)], obs[f]]) for f in frames]))
+        history, seen, histories = ObservationHistory(n_obs_steps), {}, []
+        for f in range(start, frames[-1] + 1):
+            history.push(obs[f])
+            seen[f] = history.stacked()
+        histories = [seen[f] for f in frames]
+        sequences.append(np.stack(histories))
         start = end
     return sequences
 

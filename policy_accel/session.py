@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 from policy_accel.errors import CheckpointError, ObservationError
+from policy_accel.observations import ObservationHistory
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState, step_noise
@@ -175,15 +177,35 @@ class Session:
         self._tail = schedule.tail(renoise_steps) if self.renoise else None
         self.budget = budget
         self.generator = torch.Generator().manual_seed(seed)
-        self._previous: tuple[SolveResult, Noise] | None = None
-        self._falcon_state = FalconState()
+        self.reset()
 
     def reset(self, seed: int | None = None) -> None:
-        """Forget the previous solve (a new episode); optionally reseed the sampler noise."""
-        self._previous = None
+        """Forget the episode (previous solve, observation history, queued actions); optionally reseed the noise."""
+        self._previous: tuple[SolveResult, Noise] | None = None
         self._falcon_state = FalconState()
+        self._histories: list[ObservationHistory] = []
+        self._queue: deque[np.ndarray] = deque()
+        self.last_plan: Plan | None = None
         if seed is not None:
             self.generator.manual_seed(seed)
+
+    def select_action(self, obs: np.ndarray) -> np.ndarray:
+        """The newest observation (B, obs_dim) in, the action (B, action_dim) to execute now out (LeRobot's
+        ``select_action``): the session keeps each row's observation history (DP's start padding) and plans a new
+        chunk when the previous chunk's ``n_action_steps`` actions are spent; ``last_plan`` holds its solve."""
+        obs = np.asarray(obs)
+        if obs.ndim != 2 or obs.shape[1] != self.policy.config.obs_dim:
+            raise ObservationError(f"observation must have shape (B, {self.policy.config.obs_dim}), got {obs.shape}")
+        if not self._histories:
+            self._histories = [ObservationHistory(self.policy.config.n_obs_steps) for _ in range(obs.shape[0])]
+        elif len(self._histories) != obs.shape[0]:
+            raise ObservationError(f"{obs.shape[0]} observations for a session of {len(self._histories)} rows")
+        for history, row in zip(self._histories, obs, strict=True):
+            history.push(row)
+        if not self._queue:
+            self.last_plan = self.plan(np.stack([h.stacked() for h in self._histories]))
+            self._queue.extend(np.swapaxes(self.last_plan.actions, 0, 1))  # one (B, action_dim) per step
+        return self._queue.popleft()
 
     def _noise_and_init(self, batch: int) -> tuple[Noise, torch.Tensor | None, SolveState | None]:
         """This inference's noise (by the noise policy) and, for an exact warm start, the solver's initial guess."""

@@ -84,9 +84,9 @@ def test_load_policy_opens_a_pickle_only_for_the_boolean_true(trust, hostile_ckp
 @pytest.mark.parametrize("spelling", ["no", "'false'", "off", "0"])
 def test_rollout_trust_pickle_spelled_as_no_never_unpickles(spelling, hostile_ckpt):
     path, marker = hostile_ckpt
-    run = run_script("rollout.py", *FAST, f"policy.path={path}", f"policy.trust_pickle={spelling}", "out_dir=/tmp/x")
+    run = run_script("rollout.py", *FAST, f"checkpoint={path}", f"trust_pickle={spelling}", "out_dir=/tmp/x")
     line = one_error_line(run)
-    assert "policy.trust_pickle=" in line and "true or false" in line
+    assert "trust_pickle=" in line and "true or false" in line
     assert not marker.exists()
 
 
@@ -206,7 +206,7 @@ def test_weights_broken_after_loading_are_blamed_not_the_solver(small_ckpt):
 def test_rollout_of_a_checkpoint_with_a_nan_weight_fails_naming_file_and_tensor(tmp_path):
     ckpt = _copy_pusht(tmp_path)
     _poke(ckpt, "model.final_conv.1.weight", float("nan"), index=3)
-    run = run_script("rollout.py", *FAST, f"policy.path={ckpt}", f"out_dir={tmp_path / 'out'}")
+    run = run_script("rollout.py", *FAST, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'out'}")
     line = one_error_line(run)
     assert str(ckpt / "model.safetensors") in line and "final_conv.1.weight" in line
     assert not (tmp_path / "out" / "results.json").exists()
@@ -252,7 +252,7 @@ def test_checkpoint_config_fields_are_checked_for_type_and_range_when_read(edit,
 def test_realtime_and_rollout_both_run_the_checkpoint_given_by_path_with_its_options(tmp_path):
     ckpt = _copy_pusht(tmp_path)
     opts = [
-        f"policy.path={ckpt}",
+        f"checkpoint={ckpt}",
         "warm_start=renoise",
         "renoise_steps=1",
         "tail_fill=chain",
@@ -270,18 +270,16 @@ def test_realtime_and_rollout_both_run_the_checkpoint_given_by_path_with_its_opt
 
     _poke(ckpt, "model.final_conv.1.weight", float("nan"))  # the file is what both load: both refuse it now
     for script in ("rollout.py", "realtime.py"):
-        line = one_error_line(run_script(script, *FAST[:4], f"policy.path={ckpt}", f"out_dir={tmp_path / 'x'}"))
+        line = one_error_line(run_script(script, *FAST[:4], f"checkpoint={ckpt}", f"out_dir={tmp_path / 'x'}"))
         assert str(ckpt / "model.safetensors") in line and "final_conv.1.weight" in line
 
 
 def test_realtime_refuses_a_missing_policy_path_and_a_pickle_spelled_no(hostile_ckpt, tmp_path):
-    line = one_error_line(run_script("realtime.py", "policy.path=/nonexistent", f"out_dir={tmp_path}"))
+    line = one_error_line(run_script("realtime.py", "checkpoint=/nonexistent", f"out_dir={tmp_path}"))
     assert "checkpoint directory /nonexistent does not exist" in line
     path, marker = hostile_ckpt
-    line = one_error_line(
-        run_script("realtime.py", f"policy.path={path}", "policy.trust_pickle=no", f"out_dir={tmp_path}")
-    )
-    assert "policy.trust_pickle='no'" in line and not marker.exists()
+    line = one_error_line(run_script("realtime.py", f"checkpoint={path}", "trust_pickle=no", f"out_dir={tmp_path}"))
+    assert "trust_pickle='no'" in line and not marker.exists()
 
 
 @dataclasses.dataclass
@@ -332,7 +330,7 @@ def test_default_run_directories_differ_whenever_a_result_setting_does():
         run_dir("rollout.yaml", "n_episodes=5", "solver.options.tolerance=0.1"),
         run_dir("rollout.yaml", "n_episodes=5", "budget.max_iterations=3"),
         run_dir("rollout.yaml", "n_episodes=5", "check_exactness=true"),
-        run_dir("rollout.yaml", "n_episodes=5", "policy.path=/x"),
+        run_dir("rollout.yaml", "n_episodes=5", "checkpoint=/x"),
     ]
     assert len({base, *others}) == 7
     assert run_dir("realtime.yaml", "lead_ms=200") != run_dir("realtime.yaml", "lead_ms=100")
@@ -415,8 +413,8 @@ def test_ctrl_c_keeps_finished_episodes_and_the_same_command_resumes(tmp_path):
         ("rollout.yaml", "solver.noise=same", "solver.noise='same' is not allowed"),
         ("rollout.yaml", "device=gpu", "device='gpu' is not allowed"),
         ("rollout.yaml", "check_exactness=maybe", "check_exactness='maybe' is not allowed: expected true or false"),
-        ("rollout.yaml", "policy.trust_pickle=1", "policy.trust_pickle=1 is not allowed: expected true or false"),
-        ("rollout.yaml", "policy.path=''", "policy.path='' is not allowed"),
+        ("rollout.yaml", "trust_pickle=1", "trust_pickle=1 is not allowed: expected true or false"),
+        ("rollout.yaml", "checkpoint=''", "checkpoint='' is not allowed"),
         ("rollout.yaml", "solver.options.tolerance=abc", "solver.options={'window': 16, 'tolerance': 'abc'}"),
         ("rollout.yaml", "policy.schedule.num_inference_steps=1000", "policy.schedule="),
         ("rollout.yaml", "policy.schedule.kind=dpm", "policy.schedule="),

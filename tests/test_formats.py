@@ -187,7 +187,7 @@ def test_dp_ckpt_is_refused_by_default_without_unpickling(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_policy(path)
     message = str(err.value)
-    for words in ("pickle", "run arbitrary code", "trust_pickle=True", "policy.trust_pickle=true", "--trust-pickle"):
+    for words in ("pickle", "run arbitrary code", "trust_pickle=True", "trust_pickle=true", "--trust-pickle"):
         assert words in message
     assert not marker.exists()
     with pytest.raises(CheckpointError):  # opting in does unpickle (and then the payload is not a policy)
@@ -415,11 +415,11 @@ def test_convert_refuses_a_pickle_without_the_flag(small_policy, tmp_path, capsy
 
 def test_rollout_runs_a_dp_ckpt_given_as_policy_path(small_policy, tmp_path, run_rollout):
     path = write_dp_ckpt(small_policy, tmp_path / "latest.ckpt")
-    refused = run_rollout(f"policy.path={path}", "n_episodes=1")
-    assert refused.returncode != 0 and "policy.trust_pickle=true" in refused.stderr + refused.stdout
+    refused = run_rollout(f"checkpoint={path}", "n_episodes=1")
+    assert refused.returncode != 0 and "trust_pickle=true" in refused.stderr + refused.stdout
     run = run_rollout(
-        f"policy.path={path}",
-        "policy.trust_pickle=true",
+        f"checkpoint={path}",
+        "trust_pickle=true",
         "policy=ddim4",
         "solver=paradigms",
         "seeds=[100000]",
@@ -432,6 +432,6 @@ def test_rollout_runs_a_dp_ckpt_given_as_policy_path(small_policy, tmp_path, run
 
 def test_rollout_refuses_a_policy_for_another_task(odd_policy, tmp_path, run_rollout):
     path = write_lerobot_dir(odd_policy, tmp_path / "lr")
-    run = run_rollout(f"policy.path={path}", "n_episodes=1")
+    run = run_rollout(f"checkpoint={path}", "n_episodes=1")
     assert run.returncode != 0
     assert "expects obs_dim=5, action_dim=3, but task 'pusht' has obs_dim=18, action_dim=2" in run.stderr + run.stdout

@@ -1,5 +1,7 @@
 """The one owner of the observation history: DP's first-observation padding, the window, and reset."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -36,3 +38,20 @@ def test_bad_window_length_is_refused(n):
 def test_an_empty_history_has_nothing_to_condition_on():
     with pytest.raises(ValueError, match="empty"):
         ObservationHistory(2).stacked()
+
+
+@pytest.mark.parametrize("n_obs_steps", [1, 2, 3])
+def test_timing_histories_are_the_rollouts_padded_window_for_any_length(n_obs_steps):
+    """The timing tools' observation histories (profiling.control_sequences) follow the policy's n_obs_steps and
+    DP's start padding, as a rollout's do."""
+    from policy_accel.data import load_demonstrations
+    from policy_accel.profiling import control_sequences
+
+    dataset = str(Path(__file__).resolve().parents[1] / "data" / "pusht" / "expert.zarr")
+    obs = load_demonstrations(dataset, None)["obs"]
+    (histories,) = control_sequences(dataset, None, 1, 3, 4, n_obs_steps)
+    assert histories.shape == (3, n_obs_steps, obs.shape[1])
+    np.testing.assert_array_equal(histories[0], np.stack([obs[0]] * n_obs_steps))  # padded with the first frame
+    for k, frame in enumerate((0, 4, 8)):
+        expected = [obs[max(frame - n_obs_steps + 1 + i, 0)] for i in range(n_obs_steps)]
+        np.testing.assert_array_equal(histories[k], np.stack(expected))

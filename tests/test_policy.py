@@ -130,3 +130,43 @@ def test_unknown_noise_policy_is_rejected(trained_policy):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
     with pytest.raises(ValueError, match="unknown noise policy 'same'"):
         Session(trained_policy, make_solver("sequential"), schedule, noise="same")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_select_action_is_the_padded_history_plan_replayed_one_action_at_a_time(trained_policy, batch):
+    """select_action owns the observation history (DP's start padding) and the action queue: it must give the
+    actions of planning on that history every n_action_steps steps, with the same noise, warm starts included."""
+    from policy_accel.observations import ObservationHistory
+
+    schedule = trained_policy.schedule(kind="ddim", num_inference_steps=4)
+    cfg = trained_policy.config
+    rng = np.random.default_rng(0)
+    observations = rng.uniform(150, 350, (2 * cfg.n_action_steps, batch, cfg.obs_dim))
+
+    def session():
+        s = Session(trained_policy, make_solver("newton"), schedule, warm_start=True, noise="coupled")
+        s.reset(seed=3)
+        return s
+
+    one_at_a_time = session()
+    got = np.stack([one_at_a_time.select_action(obs) for obs in observations])
+    by_hand, histories, expected = session(), [ObservationHistory(cfg.n_obs_steps) for _ in range(batch)], []
+    for step, obs in enumerate(observations):
+        for h, row in zip(histories, obs, strict=True):
+            h.push(row)
+        if step % cfg.n_action_steps == 0:
+            chunk = by_hand.plan(np.stack([h.stacked() for h in histories])).actions
+        expected.append(chunk[:, step % cfg.n_action_steps])
+    np.testing.assert_array_equal(got, np.stack(expected))
+    assert got.shape == (2 * cfg.n_action_steps, batch, cfg.action_dim)
+    assert one_at_a_time.last_plan.record.warm  # the second chunk was warm-started from the first
+    with pytest.raises(ValueError, match="rows"):
+        one_at_a_time.select_action(observations[0][:1] if batch > 1 else np.repeat(observations[0], 2, axis=0))
+    one_at_a_time.reset()
+    one_at_a_time.select_action(observations[0][:1])  # a new episode may change the batch
+
+
+def test_select_action_refuses_a_history_shaped_observation(trained_policy):
+    s = Session(trained_policy, make_solver("sequential"), trained_policy.schedule(kind="ddim", num_inference_steps=2))
+    with pytest.raises(ValueError, match=r"shape \(B, 18\)"):
+        s.select_action(np.zeros((1, 2, 18)))

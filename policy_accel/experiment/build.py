@@ -1,7 +1,7 @@
 """One function builds a policy setup from a run config, so every entry point honours every option alike.
 
 ``eval/rollout.py`` and ``eval/realtime.py`` (and the soak) read the same config groups (``task``, ``solver``,
-``policy``) and the same run options (``policy.path``, ``policy.trust_pickle``, ``warm_start``, ``tail_fill``,
+``policy``) and the same run options (``checkpoint``, ``trust_pickle``, ``warm_start``, ``tail_fill``,
 ``renoise_steps``, ``budget``, ``check_exactness``, ...). Building the policy, schedule, solver and session in one
 place is what keeps the real-time loop from running another policy than the rollout would. Every value is
 checked here, once, with an error that names the user's key, the value and what is allowed.
@@ -184,7 +184,7 @@ class SessionSetup:
     schedule: Schedule
     solver: Solver
     session: Session
-    checkpoint: str  # what was loaded: policy.path, else the task's checkpoint
+    checkpoint: str  # what was loaded (default: the task's checkpoint)
     seeds: list[int]
     warm_start: bool | str
     device: str
@@ -205,7 +205,7 @@ def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) 
 def build_session(cfg: DictConfig, *, check_task: bool = True, policy: DiffusionPolicy | None = None) -> SessionSetup:
     """Check every run option of ``cfg`` and build the policy, sampler, solver and session it describes.
 
-    ``policy``: an already-loaded policy to run instead of loading ``policy.path`` / ``checkpoint`` again (a timing
+    ``policy``: an already-loaded policy to run instead of loading ``checkpoint`` again (a timing
     tool that runs many configurations on one network, e.g. eval/latency.py's original-size U-Net).
 
     Raises :class:`~policy_accel.errors.ConfigError` (a bad value: names the key) or
@@ -220,9 +220,8 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
     check_exactness = cfg_bool(cfg, "check_exactness") if "check_exactness" in cfg else False
     noise = cfg_choice(cfg, "solver.noise", NOISE_POLICIES)
     solver_name = cfg_choice(cfg, "solver.name", sorted(SOLVERS))
-    trust_pickle = cfg_bool(cfg, "policy.trust_pickle") if "trust_pickle" in cfg.policy else False
-    path = cfg_str(cfg, "policy.path", optional=True) if "path" in cfg.policy else None
-    checkpoint = path or cfg_str(cfg, "checkpoint")
+    trust_pickle = cfg_bool(cfg, "trust_pickle") if "trust_pickle" in cfg else False
+    checkpoint = cfg_str(cfg, "checkpoint")
     budget = cfg_budget(cfg)
     options = _get(cfg, "solver.options") or {}
     if not isinstance(options, dict):

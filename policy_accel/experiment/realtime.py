@@ -37,7 +37,7 @@ def check_loop_options(cfg: DictConfig) -> None:
 
 def build_realtime_session(cfg: DictConfig) -> SessionSetup:
     """The policy, solver, schedule and session exactly as eval/rollout.py builds them from the same config (one
-    library function: ``policy.path``, ``trust_pickle``, ``tail_fill``, ``renoise_steps``, budgets and all)."""
+    library function: ``checkpoint``, ``trust_pickle``, ``tail_fill``, ``renoise_steps``, budgets and all)."""
     check_loop_options(cfg)
     return build_session(cfg)
 

@@ -70,7 +70,7 @@ def pickle_refusal(path: Path) -> str:
     return (
         f"{path} is a Diffusion Policy workspace checkpoint, i.e. a Python pickle: unpickling it can run arbitrary "
         "code stored in the file, so it is not loaded by default. If you trust where the file came from, opt in "
-        "with load_policy(path, trust_pickle=True), `policy.trust_pickle=true` on the eval/rollout.py command line, "
+        "with load_policy(path, trust_pickle=True), `trust_pickle=true` on the eval/rollout.py command line, "
         "or convert it once with `python eval/convert.py SRC DST --trust-pickle` and use the safetensors "
         "checkpoint DST from then on (it loads without unpickling)."
     )
