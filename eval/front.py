@@ -175,6 +175,9 @@ def entry(row: dict | None, seeds: list[int] | None = None) -> dict | None:
         "family": sampler_family(row),
         "overrides": config_overrides(row),
         "latency_ms_p50": float(row["latency_p50_ms"]),
+        "latency_ms_p95": float(row["latency_p95_ms"]),
+        "rounds_mean": float(row["iterations_mean"]),  # sequential network rounds per inference (the latency count)
+        "nfe_mean": float(row["nfe_mean"]),  # network rows per inference (batch rows and Jacobian work included)
         "score": score_on(row, seeds),
         "se": mean_se(values)[1],
     }
@@ -234,7 +237,35 @@ def front(rows: list[dict], budgets: tuple[float, ...] = BUDGETS_MS) -> dict:
             "se_heldout": se_h,
             "n_heldout": n_h,
         }
+    out["criteria"] = criteria(out["budgets"])
     return out
+
+
+WIN_MARGIN, WIN_MAX_BUDGET_MS, SHORTFALL_LIMIT = 0.03, 20.0, 0.01
+
+
+def criteria(budgets: dict) -> dict:
+    """Issue #25's test of the front: a toolkit win at some budget <= 20 ms (held-out difference >= 0.03 and >= 2
+    standard errors) and, at every budget where both fit, the toolkit no more than 0.01 below the best sequential."""
+    wins = [
+        b
+        for b, pair in budgets.items()
+        if float(b) <= WIN_MAX_BUDGET_MS
+        and pair["diff_heldout"] is not None
+        and pair["se_heldout"] is not None
+        and pair["diff_heldout"] >= WIN_MARGIN
+        and pair["diff_heldout"] >= 2 * pair["se_heldout"]
+    ]
+    diffs = {b: pair["diff"] for b, pair in budgets.items() if pair["diff"] is not None}
+    worst = min(diffs, key=diffs.get) if diffs else None
+    never_below = all(d >= -SHORTFALL_LIMIT for d in diffs.values())
+    return {
+        "win_budgets_ms": wins,
+        "worst_budget_ms": worst,
+        "worst_diff": diffs.get(worst),
+        "never_more_than_0.01_below": never_below,
+        "met": bool(wins) and never_below,
+    }
 
 
 def _cell(e: dict | None) -> str:
@@ -281,6 +312,30 @@ def write_markdown(result: dict, rows: list[dict], path: Path, image: str, comma
             f"| {budget} ms | {_cell(seq)} | {_cell(tk)} | {_pm(pair['diff'], pair['se'])} | {picked} | "
             f"{_pm(pair['diff_heldout'], pair['se_heldout'])} | {_cell(exact)} |"
         )
+    c = result["criteria"]
+    lines += [
+        "",
+        f"Issue #25's test: a toolkit win at some budget <= {WIN_MAX_BUDGET_MS:g} ms (held-out difference >= "
+        f"{WIN_MARGIN} and >= 2 s.e.): **{', '.join(c['win_budgets_ms']) + ' ms' if c['win_budgets_ms'] else 'none'}**;"
+        f" toolkit never more than {SHORTFALL_LIMIT} below the best sequential: "
+        f"**{'yes' if c['never_more_than_0.01_below'] else 'no'}**"
+        + (f" (worst: {c['worst_diff']:+.3f} at {c['worst_budget_ms']} ms)" if c["worst_budget_ms"] else "")
+        + f". Met: **{'yes' if c['met'] else 'no'}**.",
+        "",
+        "What each budget's winners cost (rounds = sequential network rounds per inference, nfe = network rows):",
+        "",
+        "| budget | sequential: rounds, nfe, p50 / p95 ms | toolkit: rounds, nfe, p50 / p95 ms |",
+        "|---|---|---|",
+    ]
+    for budget, pair in result["budgets"].items():
+        cost = [
+            "–"
+            if e is None
+            else f"{e['name']}: {e['rounds_mean']:.2f}, {e['nfe_mean']:.1f}, "
+            f"{e['latency_ms_p50']:.1f} / {e['latency_ms_p95']:.1f}"
+            for e in (pair["sequential"], pair["toolkit"])
+        ]
+        lines.append(f"| {budget} ms | {cost[0]} | {cost[1]} |")
     lines += ["", "Best sequential configuration of each family per budget:", ""]
     families = sorted({f for pair in result["budgets"].values() for f in pair["sequential_by_family"]})
     lines += ["| budget | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]

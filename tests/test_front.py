@@ -15,7 +15,17 @@ sys.path.insert(0, str(ROOT / "eval"))
 from front import BUDGETS_MS, front, write_front  # noqa: E402
 from report import load_results, write_report  # noqa: E402
 
-ENTRY_KEYS = {"name", "family", "overrides", "latency_ms_p50", "score", "se"}
+ENTRY_KEYS = {
+    "name",
+    "family",
+    "overrides",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "rounds_mean",
+    "nfe_mean",
+    "score",
+    "se",
+}
 
 
 def _fake(path: Path, policy: str, solver: str, score: float, p50: float, **extra) -> None:
@@ -54,7 +64,7 @@ def test_front_json_schema_and_choices(tmp_path):
     result = write_front(rows, tmp_path / "pusht_front", command="python eval/benchmark.py ...")
     on_disk = json.loads((tmp_path / "pusht_front.json").read_text())
     assert on_disk == result
-    assert set(result) == {"hardware", "n_seeds", "pick_seeds", "heldout_seeds", "budgets"}
+    assert set(result) == {"hardware", "n_seeds", "pick_seeds", "heldout_seeds", "budgets", "criteria"}
     assert result["hardware"] == HW and result["n_seeds"] == 3
     assert list(result["budgets"]) == [f"{b:g}" for b in BUDGETS_MS]
     assert list(result["budgets"]) == ["5", "7.5", "10", "15", "20", "30", "40", "80", "160"]
@@ -74,12 +84,16 @@ def test_front_json_schema_and_choices(tmp_path):
         "family": "DDIM (leading)",
         "overrides": ["+experiment=seq_ddim2", "task=pusht"],
         "latency_ms_p50": 8.0,
+        "latency_ms_p95": 16.0,
+        "rounds_mean": 4.0,
+        "nfe_mean": 4.0,
         "score": 0.6,
         "se": None,
     }  # run-control overrides dropped
     assert b["10"]["toolkit"] == {
         "name": "renoise_ddim10_k2 (approximate)", "family": "DDIM (leading)",
-        "overrides": ["+experiment=renoise_ddim10_k2"], "latency_ms_p50": 9.0, "score": 0.72, "se": None,
+        "overrides": ["+experiment=renoise_ddim10_k2"], "latency_ms_p50": 9.0, "latency_ms_p95": 18.0,
+        "rounds_mean": 4.0, "nfe_mean": 4.0, "score": 0.72, "se": None,
     }  # fmt: skip
     assert b["20"]["sequential"]["overrides"] == ["+experiment=seq_ddim4"]  # from the benchmark's run directory
     assert b["40"]["sequential"]["name"] == "seq_ddim10" and b["40"]["toolkit"]["name"].endswith("(approximate)")
@@ -216,3 +230,22 @@ def test_statistics_helpers():
     b = {"_episode_scores": {2: 0.25, 3: 0.5, 4: 1.0}}
     assert paired_difference(a, b) == (pytest.approx(-0.125), pytest.approx(0.375), 2)  # seeds 2, 3 only
     assert paired_difference(a, b, [3]) == (pytest.approx(-0.5), None, 1)
+
+
+def test_criteria_need_a_heldout_win_of_two_standard_errors_and_no_shortfall_anywhere(tmp_path):
+    import random
+
+    rng = random.Random(1)
+    base = [rng.uniform(0.3, 0.9) for _ in range(200)]
+    _seeded(tmp_path / "seq_ddim2", "ddim2", "sequential", 8.0, base)
+    _seeded(tmp_path / "seq_ddim10", "ddim10", "sequential", 30.0, [b + 0.1 for b in base])
+    _seeded(tmp_path / "tk", "ddim10", "sequential", 9.0, [b + 0.05 + rng.gauss(0, 0.01) for b in base], **RENOISE)
+    c = front(load_results([tmp_path]))["criteria"]
+    assert c["win_budgets_ms"] == ["10", "15", "20"]  # +0.05 with s.e. ~0.001 from 10 ms (7.5 and 5: none fits)
+    assert c["worst_budget_ms"] == "30" and c["worst_diff"] == pytest.approx(-0.05, abs=0.01)
+    assert not c["never_more_than_0.01_below"] and not c["met"]  # DDIM-10 at 30 ms beats every toolkit run
+
+    _seeded(
+        tmp_path / "tk_slow", "ddim16", "newton", 29.0, [b + 0.1 for b in base], **{**RENOISE, "approximate": False}
+    )
+    assert front(load_results([tmp_path]))["criteria"]["met"]
