@@ -280,9 +280,11 @@ def _pm(mean: float | None, se: float | None) -> str:
     return f"{mean:+.3f}" + (f" ({se:.3f})" if se is not None else "")
 
 
-def write_markdown(result: dict, rows: list[dict], path: Path, image: str, command: str | None) -> None:
+def write_markdown(
+    result: dict, rows: list[dict], path: Path, image: str, command: str | None, task: str = "PushT"
+) -> None:
     exact_toolkit = [r for r in rows if is_toolkit(r) and not r["approximate"]]
-    lines = ["# PushT: best configuration per latency budget", ""]
+    lines = [f"# {task}: best configuration per latency budget", ""]
     if command:
         lines += ["Made by:", "", f"    {command}", ""]
     pick, held = result["pick_seeds"], result["heldout_seeds"]
@@ -371,7 +373,7 @@ def zoom_range(fronts: list[list[dict]]) -> tuple[float, float]:
     return low - margin, top + margin
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, budgets: tuple[float, ...] = BUDGETS_MS) -> None:
     """Two panels (zoomed, full range): every configuration with an s.e. bar, coloured by sampler family and marked
     by kind (o sequential, s exact toolkit, ^ hollow approximate), the three fronts, and the budgets."""
     exact_toolkit = [r for r in rows if is_toolkit(r) and not r["approximate"]]
@@ -404,7 +406,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             if f:
                 xs, ys = [r["latency_p50_ms"] for r in f], [r["score"] for r in f]
                 ax.step(xs, ys, where="post", lw=1.2, label=name, color=color, ls=ls, marker="o", ms=size, mfc="none")
-        for b in BUDGETS_MS:
+        for b in budgets:
             ax.axvline(b, color="0.85", lw=0.8, zorder=0)
             ax.annotate(f"{b:g} ms", (b, 1), xycoords=("data", "axes fraction"), fontsize=6, color="0.5",
                         xytext=(2, -8), textcoords="offset points")  # fmt: skip
@@ -429,14 +431,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_front(rows: list[dict], out: Path, command: str | None = None, title: str | None = None) -> dict:
+def write_front(
+    rows: list[dict],
+    out: Path,
+    command: str | None = None,
+    task: str = "PushT",
+    budgets: tuple[float, ...] = BUDGETS_MS,
+) -> dict:
     """Write ``<out>.json``, ``<out>.md`` and ``<out>.png``; returns the JSON object."""
-    result = front(rows)
+    result = front(rows, budgets)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out.with_name(out.name + ext) for ext in (".json", ".md", ".png"))
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, png_path, title or "PushT: latency vs score, sequential and toolkit fronts")
-    write_markdown(result, rows, md_path, png_path.name, command)
+    plot(rows, png_path, f"{task}: latency vs score, sequential and toolkit fronts", budgets)
+    write_markdown(result, rows, md_path, png_path.name, command, task)
     return result
 
 
@@ -445,12 +453,14 @@ def main() -> None:
     parser.add_argument("dirs", nargs="+", type=Path, help="directories whose subdirectories hold results.json")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "pusht_front", help="path prefix of the outputs")
     parser.add_argument("--command", default=None, help="the command that produced the runs, quoted in the report")
+    parser.add_argument("--task", default="PushT", help="the task's name in titles (scores are its rollout score)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS_MS), help="budgets in ms")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     rows = load_results(args.dirs)
     if not rows:
         raise SystemExit(f"no results.json under {', '.join(map(str, args.dirs))}")
-    write_front(rows, args.out, args.command)
+    write_front(rows, args.out, args.command, args.task, tuple(args.budgets))
     print(f"{len(rows)} configurations -> {args.out}.json, .md, .png")
 
 

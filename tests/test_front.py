@@ -122,6 +122,14 @@ def test_front_cli(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads((tmp_path / "f.json").read_text())["n_seeds"] == 3
     assert {p.name for p in tmp_path.iterdir()} >= {"f.json", "f.md", "f.png"}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "eval" / "front.py"), str(tmp_path / "runs"), "--out", str(tmp_path / "can"),
+         "--task", "Can", "--budgets", "10", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list(json.loads((tmp_path / "can.json").read_text())["budgets"]) == ["10", "20"]
+    assert (tmp_path / "can.md").read_text().startswith("# Can: best configuration per latency budget")
 
 
 def test_report_labels_approximate_runs_and_keeps_them_out_of_the_exact_front(tmp_path):
