@@ -1,8 +1,8 @@
 """Latency-budget front: for each per-control-step budget, the best sequential sampler that fits against the best
 toolkit configuration (parallel solvers and/or APPROXIMATE warm starts) that fits, with paired statistics over seeds.
 
-    python eval/benchmark.py out_dir=reports/pusht_front_runs 'only=${front}'   # the runs (configs/benchmark.yaml)
-    python eval/front.py reports/pusht_front_runs/runs --out reports/pusht_front
+    python eval/benchmark.py n_episodes=200 out_dir=reports/pusht_front2_runs 'only=${front2}'   # configs/benchmark.yaml
+    python eval/front.py reports/pusht_front2_runs/runs --out reports/pusht_front
 
 Reads every ``<dir>/<run>/results.json`` (as eval/report.py does) and writes ``<out>.json``:
 
