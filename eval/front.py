@@ -1,7 +1,7 @@
 """Latency-budget front: for each per-control-step budget, the best sequential sampler that fits against the best
 toolkit configuration (parallel solvers and/or APPROXIMATE warm starts) that fits, with paired statistics over seeds.
 
-    python eval/benchmark.py n_episodes=200 out_dir=reports/pusht_front2_runs 'only=${front2}'   # configs/benchmark.yaml
+    python eval/benchmark.py n_episodes=200 out_dir=reports/pusht_front2_runs 'only=${front2}'  # benchmark.yaml
     python eval/front.py reports/pusht_front2_runs/runs --out reports/pusht_front
 
 Reads every ``<dir>/<run>/results.json`` (as eval/report.py does) and writes ``<out>.json``:
