@@ -220,14 +220,15 @@ class DiffusionPolicy:
         """Normalized chunk (B, H, A) -> the executed raw actions (B, n_action_steps, A): DP executes the chunk from
         the newest observation's step (``n_obs_steps - 1``)."""
         start = self.config.n_obs_steps - 1
-        chunk = self.action_normalizer.unnormalize(normalized_chunk[:, start : start + self.config.n_action_steps])
-        return chunk.detach().cpu().numpy()
+        return self._raw(normalized_chunk[:, start : start + self.config.n_action_steps])
 
     def reserve(self, normalized_chunk: torch.Tensor) -> np.ndarray:
         """Normalized chunk (B, H, A) -> the raw predictions after the executed actions (B, rest, A): what a
         real-time controller plays when the next chunk is late."""
-        start = self.config.n_obs_steps - 1 + self.config.n_action_steps
-        return self.action_normalizer.unnormalize(normalized_chunk[:, start:]).detach().cpu().numpy()
+        return self._raw(normalized_chunk[:, self.config.n_obs_steps - 1 + self.config.n_action_steps :])
+
+    def _raw(self, normalized_actions: torch.Tensor) -> np.ndarray:
+        return self.action_normalizer.unnormalize(normalized_actions).detach().cpu().numpy()
 
     def predict_action(
         self,

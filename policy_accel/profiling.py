@@ -128,12 +128,12 @@ def control_sequences(
     sequences, start = [], 0
     for end in demos["episode_ends"][:n_episodes]:
         frames = [min(start + k * n_action_steps, end - 1) for k in range(n_inferences)]
-        history, seen, histories = ObservationHistory(n_obs_steps), {}, []
+        history, wanted, seen = ObservationHistory(n_obs_steps), set(frames), {}
         for f in range(start, frames[-1] + 1):
             history.push(obs[f])
-            seen[f] = history.stacked()
-        histories = [seen[f] for f in frames]
-        sequences.append(np.stack(histories))
+            if f in wanted:
+                seen[f] = history.stacked()
+        sequences.append(np.stack([seen[f] for f in frames]))
         start = end
     return sequences
 
