@@ -155,3 +155,16 @@ def test_exact_warm_start_options_are_not_approximate(trained_policy, warm_start
     assert not session.approximate
     session.plan(_obs(1))
     assert session.plan(_obs(1))[1].iterations <= 4 and session.plan(_obs(1))[2].warm == warm_start
+
+
+
+@pytest.mark.parametrize("steps,t", [(4, 24), (8, 11)])
+def test_a_one_step_trailing_tail_denoises_from_a_real_noise_level_and_a_leading_one_does_not(steps, t):
+    """Why the front's re-noise configurations use trailing spacing: trailing DDIM's last step starts at a real
+    noise level and goes straight to the clean sample (one call does a full denoising step), while leading DDIM's
+    last step sits at t = 0 (sigma 0.025): re-noising there adds almost no noise, so the call can barely move it."""
+    trailing = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=steps, timestep_spacing="trailing")).tail(1)
+    leading = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=steps)).tail(1)
+    assert int(trailing.timesteps[0]) == t and float(trailing.sqrt_beta_prod[0]) > 0.19
+    assert float(trailing.coef_x0[0]) == 1.0 and float(trailing.coef_y[0]) == 0.0  # x_prev = predicted x0
+    assert int(leading.timesteps[0]) == 0 and float(leading.sqrt_beta_prod[0]) < 0.03
