@@ -157,7 +157,6 @@ def test_exact_warm_start_options_are_not_approximate(trained_policy, warm_start
     assert session.plan(_obs(1))[1].iterations <= 4 and session.plan(_obs(1))[2].warm == warm_start
 
 
-
 @pytest.mark.parametrize("steps,t", [(4, 24), (8, 11)])
 def test_a_one_step_trailing_tail_denoises_from_a_real_noise_level_and_a_leading_one_does_not(steps, t):
     """Why the front's re-noise configurations use trailing spacing: trailing DDIM's last step starts at a real
