@@ -38,6 +38,14 @@ class ObservationError(UserError, ValueError):
     """An observation history of the wrong shape, or non-finite as the network sees it (float32)."""
 
 
+class OutDirInUseError(UserError, RuntimeError):
+    """Another live run holds the output directory: two runs into one directory would mix or lose results."""
+
+
+class ResultsError(UserError, ValueError):
+    """A results.json that breaks its schema (a NaN or non-numeric score, latency or count): never ranked."""
+
+
 def _in_multirun() -> bool:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -78,7 +86,9 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ObservationError",
+    "OutDirInUseError",
     "PickleRefusedError",
+    "ResultsError",
     "UserError",
     "report_user_errors",
 ]

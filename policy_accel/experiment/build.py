@@ -6,8 +6,8 @@
 place is what keeps the real-time loop from running another policy than the rollout would. Every value is
 checked here, once, with an error that names the user's key, the value and what is allowed.
 
-Run identity (:func:`run_identity`) and the output directory rules (:func:`prepare_out_dir`) live here too: a
-results.json is never overwritten by a different run, and the directory is checked before the first episode.
+Run identity (:func:`run_id`) lives here too; output directories are claimed for a whole run and written
+atomically by :mod:`policy_accel.experiment.outputs` (its helpers are re-exported here).
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from policy_accel.errors import ConfigError
+from policy_accel.experiment.outputs import prepare_out_dir, write_json_atomic, write_text_atomic
 from policy_accel.io.checkpoint import load_policy
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
@@ -295,30 +293,6 @@ def differences(found: dict, this: dict, legacy_defaults: dict | None = None) ->
         if recorded != value:
             out[key] = ("(not recorded)" if recorded is _ABSENT else recorded, value)
     return out
-
-
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` and check that it can be written now, before the first episode runs."""
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_probe", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be written: {err.strerror or err}") from None
-    return path
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a killed process leaves the old file or the new one, never half of one."""
-    write_text_atomic(path, json.dumps(data, indent=2))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 __all__ = [
