@@ -42,6 +42,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
+from policy_accel.experiment.outputs import (  # noqa: E402
+    prepare_out_dir,
+    save_figure_atomic,
+    write_text_atomic,
+)
 from policy_accel.experiment.results import load_results, pareto  # noqa: E402
 
 log = logging.getLogger("front")
@@ -360,7 +366,7 @@ def write_markdown(
             f"`{' '.join(config_overrides(r))}` |"
         )
     lines += ["", f"![latency budget front]({image})", ""]
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
 
 
 def zoom_range(fronts: list[list[dict]]) -> tuple[float, float]:
@@ -427,7 +433,7 @@ def plot(rows: list[dict], path: Path, title: str, budgets: tuple[float, ...] = 
             ax.set_title("full score range")
             ax.legend(loc="lower right", fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -442,12 +448,23 @@ def write_front(
     result = front(rows, budgets)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out.with_name(out.name + ext) for ext in (".json", ".md", ".png"))
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
     plot(rows, png_path, f"{task}: latency vs score, sequential and toolkit fronts", budgets)
     write_markdown(result, rows, md_path, png_path.name, command, task)
     return result
 
 
+def check_budgets(budgets: list[float]) -> tuple[float, ...]:
+    """Budgets are milliseconds a configuration's median latency must fit in: finite and positive."""
+    bad = [b for b in budgets if not (math.isfinite(b) and b > 0)]
+    if bad:
+        raise ConfigError(
+            f"--budgets {' '.join(f'{b:g}' for b in bad)} is not allowed: expected finite milliseconds > 0"
+        )
+    return tuple(budgets)
+
+
+@report_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path, help="directories whose subdirectories hold results.json")
@@ -457,10 +474,15 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS_MS), help="budgets in ms")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    budgets = check_budgets(args.budgets)
+    prepare_out_dir(args.out.parent, key=f"--out {args.out}: its directory")
     rows = load_results(args.dirs)
     if not rows:
-        raise SystemExit(f"no results.json under {', '.join(map(str, args.dirs))}")
-    write_front(rows, args.out, args.command, args.task, tuple(args.budgets))
+        raise ConfigError(f"no results.json under {', '.join(map(str, args.dirs))}")
+    try:
+        write_front(rows, args.out, args.command, args.task, budgets)
+    except OSError as err:
+        raise ConfigError(f"--out {args.out} cannot be written: {err.filename}: {err.strerror or err}") from None
     print(f"{len(rows)} configurations -> {args.out}.json, .md, .png")
 
 

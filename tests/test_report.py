@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from policy_accel.errors import ResultsError
 from policy_accel.experiment.results import load_results, pareto
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +36,9 @@ def test_pareto_front():
     assert [r["latency_p50_ms"] for r in pareto(rows)] == [10.0, 30.0]
 
 
-def test_unfinished_and_invalid_runs_are_skipped_with_a_warning(tmp_path, caplog):
+def test_unfinished_and_cut_off_runs_are_skipped_with_a_warning(tmp_path, caplog):
     _fake_results(tmp_path / "0", "ddim4", "sequential", 0.7, 20.0)
     (tmp_path / "1").mkdir()  # a job that never finished
-    (tmp_path / "2").mkdir()
-    (tmp_path / "2" / "results.json").write_text('{"policy": "ddim4", "solver": "sequential"}')  # keys missing
     (tmp_path / "3").mkdir()
     (tmp_path / "3" / "results.json").write_text('{"policy": "ddi')  # cut off mid-write
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # files beside the run directories are ignored
@@ -46,8 +47,12 @@ def test_unfinished_and_invalid_runs_are_skipped_with_a_warning(tmp_path, caplog
     assert [r["policy"] for r in rows] == ["ddim4"]
     text = caplog.text
     assert f"{tmp_path / '1'}: no results.json" in text and f"{tmp_path / 'missing'} is not a directory" in text
-    assert f"{tmp_path / '2' / 'results.json'}: invalid (KeyError" in text
     assert f"{tmp_path / '3' / 'results.json'}: invalid (JSONDecodeError" in text
+    # keys missing: breaks the schema, an error naming the file and the field (tests/test_results_integrity.py)
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "results.json").write_text('{"policy": "ddim4", "solver": "sequential"}')
+    with pytest.raises(ResultsError, match=rf"{tmp_path / '2' / 'results.json'}: warm_start: missing"):
+        load_results([tmp_path])
 
 
 def test_interrupted_sweep_keeps_finished_runs_and_reaggregates(tmp_path):

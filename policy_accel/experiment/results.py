@@ -2,8 +2,10 @@
 
 Every sweep's ``<dir>/<run>/results.json`` (eval/rollout.py writes them) is read here, once: ``eval/report.py``
 aggregates a directory of runs, ``eval/benchmark.py`` writes its sweep's report and ``eval/front.py`` picks
-latency-budget winners, all from the same rows. Runs whose results.json is missing (unfinished, failed) or invalid
-are skipped with a warning, so an interrupted sweep aggregates what finished.
+latency-budget winners, all from the same rows. Runs whose results.json is missing (unfinished, failed) or cut off
+are skipped with a warning, so an interrupted sweep aggregates what finished; one that breaks the schema
+(policy_accel/experiment/results_schema.py: a NaN or non-numeric score, latency or count) is an error naming the
+file and the field, never ranked, plotted or averaged.
 
 APPROXIMATE configurations (``approximate: true`` in results.json, e.g. ``warm_start=renoise``) are labelled
 "(approx.)", drawn hollow, and kept out of the exact Pareto front; the front over everything is reported beside it.
@@ -12,12 +14,16 @@ APPROXIMATE configurations (``approximate: true`` in results.json, e.g. ``warm_s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure  # no pyplot: the library never picks the caller's plotting backend
+
+from policy_accel.experiment.outputs import save_figure_atomic, write_text_atomic
+from policy_accel.experiment.results_schema import check_results
 
 log = logging.getLogger(__name__)
 COLUMNS = [
@@ -94,16 +100,27 @@ def _row(r: dict) -> dict:
     }
 
 
-def read_run(path: Path) -> dict | None:
-    """The report row of one results.json, or None (with a warning) when it is missing or invalid."""
+def read_results(path: Path) -> dict | None:
+    """One results.json checked against its schema; None (with a warning) when it is missing or cut off mid-write.
+
+    Raises :class:`~policy_accel.errors.ResultsError` (file and field named) when it breaks the schema.
+    """
     if not path.is_file():
         log.warning("%s: no results.json (unfinished or failed run), skipped", path.parent)
         return None
     try:
-        return _row(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
         log.warning("%s: invalid (%s: %s), skipped", path, type(e).__name__, e)
         return None
+    check_results(path, data)
+    return data
+
+
+def read_run(path: Path) -> dict | None:
+    """The report row of one results.json (see :func:`read_results`)."""
+    data = read_results(path)
+    return None if data is None else _row(data)
 
 
 def load_results(dirs: list[Path]) -> list[dict]:
@@ -145,10 +162,11 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
     and ``latency_distribution.png`` for ``rows`` in ``out``: a report is only outputs, each naming its command."""
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: r["latency_p50_ms"])
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "results.csv", table.getvalue())
     baseline = next((r for r in rows if r["policy"] == "ddpm100" and r["solver"] == "sequential"), None)
     front = pareto([r for r in rows if not r["approximate"]])
     overall = pareto(rows)
@@ -186,7 +204,7 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "latency_vs_reward.png", dpi=120)
+    save_figure_atomic(fig, out / "latency_vs_reward.png", dpi=120)
 
     with_lat = [r for r in rows if r["_latencies"]]
     if with_lat:
@@ -199,7 +217,7 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
         ax.set_xscale("log")
         ax.set_xlabel("latency per inference (ms, log)")
         fig.tight_layout()
-        fig.savefig(out / "latency_distribution.png", dpi=120)
+        save_figure_atomic(fig, out / "latency_distribution.png", dpi=120)
 
     lines = [f"# {title}", ""]
     if command:
@@ -236,4 +254,4 @@ def write_report(rows: list[dict], out: Path, title: str, command: str | None) -
     lines += ["", "![latency vs reward](latency_vs_reward.png)", ""]
     if with_lat:
         lines += ["![latency distribution](latency_distribution.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
