@@ -30,7 +30,6 @@ merged results.json exists is not launched at all, and the report always aggrega
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -40,8 +39,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from policy_accel.errors import ConfigError, report_user_errors
+from policy_accel.experiment.build import run_id
 from policy_accel.experiment.configurations import build_configuration, check_names, configuration_names
-from policy_accel.experiment.results import load_results, write_report
+from policy_accel.experiment.outputs import claim_out_dir, write_json_atomic
+from policy_accel.experiment.results import load_results, read_results, write_report
+from policy_accel.experiment.results_schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,11 +51,8 @@ log = logging.getLogger("benchmark")
 
 
 def _load(path: Path) -> dict | None:
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) else None
+    """A finished job's results.json, checked against its schema; None while there is none."""
+    return read_results(path) if path.is_file() else None
 
 
 def job_overrides(cfg: DictConfig, seeds: list[int], env_batch: int, threads: int) -> list[str]:
@@ -148,7 +147,7 @@ def run_sweep(cfg: DictConfig) -> None:
             log.warning("%s: unfinished, left out of the report (run the same command again to resume)", name)
             continue
         results = done[0] if len(done) == 1 else merge(*done)
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_json_atomic(run_dir / "results.json", {**results, "schema_version": SCHEMA_VERSION})
     command = "python eval/benchmark.py " + " ".join(sys.argv[1:])
     rows = load_results([out / "runs"])
     if rows:
@@ -164,7 +163,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("benchmark", overrides=sys.argv[1:])
-    run_sweep(cfg)
+    with claim_out_dir(cfg.out_dir, run_id(cfg)):  # held for the whole sweep: a concurrent one is refused
+        run_sweep(cfg)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes JSON to ``soak.out`` (reports/realtime/ by default).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from policy_accel.control import MonotonicClock, PlannedChunk
 from policy_accel.errors import report_user_errors
+from policy_accel.experiment.outputs import write_json_atomic
 from policy_accel.experiment.realtime import build_controller, build_realtime_session
 from policy_accel.experiment.tasks import env_factory
 
@@ -179,7 +179,7 @@ def main() -> None:
     results = soak(cfg)
     out = Path(cfg.soak.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_json_atomic(out, results)
     r = results
     print(
         f"{r['steps']} ticks in {r['wall_s']:.1f} s: drift {r['period_drift_ms']:+.2f} ms, mean period "

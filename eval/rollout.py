@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -36,11 +37,12 @@ from policy_accel.experiment.build import (
     cfg_bool,
     cfg_int,
     differences,
-    prepare_out_dir,
-    write_json_atomic,
+    run_id,
 )
 from policy_accel.experiment.episodes import outcome_from_dict, outcome_to_dict, run_episodes
 from policy_accel.experiment.hardware import hardware
+from policy_accel.experiment.outputs import claim_out_dir, write_json_atomic
+from policy_accel.experiment.results_schema import SCHEMA_VERSION, check_results
 from policy_accel.experiment.tasks import env_factory
 
 log = logging.getLogger("rollout")
@@ -135,6 +137,7 @@ def check_existing(out_dir: Path, identity: dict, skip_existing: bool) -> tuple[
                 f"{differ}. Pass another out_dir=..., or delete that results.json"
             )
         if skip_existing:
+            check_results(out_dir / "results.json", done)  # reused as this run's results: checked like any read
             return done, None
     partial = _read_json(out_dir / PROGRESS_FILE)
     if partial is not None:
@@ -155,13 +158,7 @@ def rollout(cfg: DictConfig) -> dict:
         env_factory(cfg.task.name), max_episode_steps=cfg.task.max_episode_steps, render_offscreen=save_video
     )
     setup = build_session(cfg)
-    policy, schedule, session, seeds, checkpoint = (
-        setup.policy,
-        setup.schedule,
-        setup.session,
-        setup.seeds,
-        setup.checkpoint,
-    )
+    policy, schedule, session = setup.policy, setup.schedule, setup.session
     native = policy.config.schedule
     if (schedule.config.kind, schedule.config.num_inference_steps) != (native.kind, native.num_inference_steps):
         log.info(
@@ -179,7 +176,23 @@ def rollout(cfg: DictConfig) -> dict:
             session.renoise_steps,
             schedule.num_steps,
         )
-    out_dir = prepare_out_dir(cfg.out_dir)  # before the first episode: a run must not fail only at its end
+    # Held from before the directory is read until the last write (released on any exit): a concurrent run into
+    # the same directory is refused at once instead of overwriting this one's results.
+    with claim_out_dir(cfg.out_dir, run_id(cfg)) as out_dir:
+        return run_claimed(cfg, setup, out_dir, make_env, env_batch, save_video, skip_existing)
+
+
+def run_claimed(
+    cfg: DictConfig,
+    setup: SessionSetup,
+    out_dir: Path,
+    make_env: Callable[[], object],
+    env_batch: int,
+    save_video: bool,
+    skip_existing: bool,
+) -> dict:
+    """The episodes and results.json of :func:`rollout`, in an output directory this process holds."""
+    session, seeds, checkpoint = setup.session, setup.seeds, setup.checkpoint
     identity = run_identity(cfg, setup, env_batch)
     done, partial_run = check_existing(out_dir, identity, skip_existing)
     if done is not None:
@@ -219,6 +232,7 @@ def rollout(cfg: DictConfig) -> dict:
         raise SystemExit(130) from None
     summary = outcome.summary()
     results = {
+        "schema_version": SCHEMA_VERSION,
         **identity,
         # an inference stopped by its budget returned an estimate, not the sampler's output
         "approximate": session.approximate or summary["unconverged_inferences"] > 0,

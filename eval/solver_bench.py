@@ -16,7 +16,6 @@ every configuration solve it in the same process, interleaved, so machine noise 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -28,8 +27,9 @@ from tqdm import tqdm
 
 from policy_accel.data import build_dataset
 from policy_accel.errors import ConfigError, report_user_errors
-from policy_accel.experiment.build import SessionSetup, prepare_out_dir
+from policy_accel.experiment.build import SessionSetup
 from policy_accel.experiment.configurations import build_configuration, check_names
+from policy_accel.experiment.outputs import prepare_out_dir, write_json_atomic
 from policy_accel.solvers.sequential import SequentialSolver
 
 log = logging.getLogger("solver_bench")
@@ -130,7 +130,7 @@ def bench(cfg: DictConfig) -> dict:
         "solvers": summary,
     }
     out_dir = prepare_out_dir(cfg.out_dir)
-    (out_dir / "solver_bench.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(out_dir / "solver_bench.json", results)
     print(f"\n{cfg.policy.name}, batch 1, {cfg.n_obs} observations, {cfg.threads} threads")
     print("| configuration | iterations mean | p95 | nfe mean | p50 ms | p95 ms | speed-up | max abs dev | converged |")
     print("|---|---|---|---|---|---|---|---|---|")

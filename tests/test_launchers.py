@@ -109,7 +109,8 @@ def test_benchmark_dispatches_passes_as_multiruns_and_resumes(tmp_path):
     score_dir.mkdir(parents=True)
     score = {
         **_identity(policy="ddim4", env_batch=2, seeds=[100000, 100001]), "n_episodes": 2, "score": 0.625,
-        "success_rate": 0.5, "max_abs_dev": None, "episodes": [],
+        "success_rate": 0.5, "max_abs_dev": None, "episodes": [], "latency_ms": {"p50": 9.0, "p95": 9.0},
+        "iterations": {"mean": 4.0, "p95": 4.0}, "nfe": {"mean": 4.0},  # batched: replaced by the latency pass's
     }  # fmt: skip
     (score_dir / "results.json").write_text(json.dumps(score))
     run = _python(
