@@ -16,6 +16,9 @@ Reports deadline misses (ticks served by the fallback, and ticks the loop itself
 period late), control-period jitter ``|period - 1/rate|``, end-to-end latency (observation taken ->
 first action planned from it reaches the actuator), inference statistics and the score, next to the
 offline rollout's score of the same configuration. Writes ``results.json`` and ``results.md``.
+
+The output directory is held for the whole run (a concurrent run into it is refused). Every finished episode is
+kept in ``episodes.partial.json``; after Ctrl-C (exit status 130) the same command resumes from them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import hydra
@@ -37,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from policy_accel.control import (
     Clock,
     ControlAction,
+    ControllerStats,
     InferenceError,
     InferenceInfo,
     MonotonicClock,
@@ -44,17 +48,15 @@ from policy_accel.control import (
     SessionPlanner,
 )
 from policy_accel.errors import ConfigError, UserError, report_user_errors
-from policy_accel.experiment.build import (
-    SessionSetup,
-    prepare_out_dir,
-    run_id,
-    write_json_atomic,
-    write_text_atomic,
-)
+from policy_accel.experiment.build import SessionSetup, run_id
+from policy_accel.experiment.outputs import claim_out_dir, write_json_atomic, write_text_atomic
 from policy_accel.experiment.realtime import build_controller, build_realtime_session
+from policy_accel.experiment.results_schema import SCHEMA_VERSION
 from policy_accel.experiment.tasks import env_factory
 
 log = logging.getLogger("realtime")
+PROGRESS_FILE = "episodes.partial.json"  # finished episodes of an unfinished run: the same command resumes from them
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C
 
 
 @dataclass
@@ -160,9 +162,15 @@ def offline_score(cfg: DictConfig) -> dict | None:
 
 
 def summarize(
-    cfg: DictConfig, setup: SessionSetup, episodes: list[EpisodeLog], inferences: list[InferenceInfo], ctrl
+    cfg: DictConfig,
+    setup: SessionSetup,
+    episodes: list[EpisodeLog],
+    inferences: list[InferenceInfo],
+    ctrl,
+    stats: ControllerStats | None = None,
 ) -> dict:
-    """The numbers results.json reports (all times in ms)."""
+    """The numbers results.json reports (all times in ms); ``stats``: the controller's counters when a resumed run's
+    differ from ``ctrl.stats`` (they include the kept episodes')."""
     dt = 1.0 / cfg.rate_hz
     periods = np.concatenate([np.diff(e.wake_s) for e in episodes]) if episodes else np.zeros(0)
     late = np.concatenate([e.late_s for e in episodes])
@@ -174,6 +182,7 @@ def summarize(
     # a tick both served by the fallback and woken late is one missed tick, not two
     missed_union = sum(len(set(e.miss_ticks) | {k for k, x in enumerate(e.late_s) if x > dt / 2}) for e in episodes)
     out = {
+        "schema_version": SCHEMA_VERSION,
         "run_id": run_id(cfg),
         "task": cfg.task.name,
         "solver": cfg.solver.name,
@@ -218,7 +227,7 @@ def summarize(
         "unconverged_inferences": int(sum(not i.converged for i in bounded)),
         "late_chunks": int(sum(i.late for i in bounded)),
         "actions_per_chunk": float(np.mean([n for e in episodes for n in e.chunk_actions.values()])),
-        "controller": asdict(ctrl.stats),
+        "controller": asdict(ctrl.stats if stats is None else stats),
         "episodes": [
             {
                 "seed": e.seed,
@@ -270,16 +279,90 @@ def check_not_another_run(out_dir: Path, this_run: str) -> None:
 
 def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
     setup = build_realtime_session(cfg)
+    this_run = run_id(cfg)
+    # Held from before the directory is read until the last write (released on any exit): a concurrent run into
+    # the same directory is refused at once instead of overwriting this one's results.
+    with claim_out_dir(cfg.out_dir, this_run) as out_dir:
+        check_not_another_run(out_dir, this_run)
+        return run_claimed(cfg, setup, out_dir, this_run, clock)
+
+
+@dataclass
+class Progress:
+    """Finished episodes of an interrupted run, with their inferences and the controller's counters."""
+
+    episodes: list[EpisodeLog]
+    inferences: list[InferenceInfo]
+    stats: ControllerStats
+
+
+def progress_to_dict(this_run: str, progress: Progress) -> dict:
+    return {
+        "run_id": this_run,
+        "episodes": [asdict(e) for e in progress.episodes],
+        "inferences": [asdict(i) for i in progress.inferences],
+        "controller": asdict(progress.stats),
+    }
+
+
+def load_progress(out_dir: Path, this_run: str, seeds: list[int]) -> Progress | None:
+    """The finished episodes kept in ``out_dir`` by an interrupted run of this configuration, or None.
+
+    Another run's episodes are an error: a resumed run must never mix two configurations' episodes.
+    """
+    path = out_dir / PROGRESS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} cannot be read ({err}): delete it to start the run over") from None
+    found = data.get("run_id", "(not recorded)") if isinstance(data, dict) else "(not recorded)"
+    if found != this_run:
+        raise ConfigError(
+            f"{path} holds finished episodes of another run (run_id {found}, this run {this_run}): pass another "
+            "out_dir=..., or delete that file"
+        )
+    try:
+        episodes = [
+            EpisodeLog(**{**e, "chunk_actions": {int(k): n for k, n in e["chunk_actions"].items()}})
+            for e in data["episodes"]
+        ]
+        progress = Progress(
+            episodes, [InferenceInfo(**i) for i in data["inferences"]], ControllerStats(**data["controller"])
+        )
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{path} is not a progress file ({type(err).__name__}: {err}): delete it") from None
+    done = [e.seed for e in episodes]
+    if done != seeds[: len(done)]:
+        raise ConfigError(f"{path} holds seeds {done}, not the first of this run's {seeds}: delete it")
+    return progress
+
+
+def add_stats(kept: ControllerStats, new: ControllerStats) -> ControllerStats:
+    """The counters of the kept episodes' controller and of this process's (the latency maximum is a maximum)."""
+    total = {f.name: getattr(kept, f.name) + getattr(new, f.name) for f in fields(ControllerStats)}
+    total["max_latency_s"] = max(kept.max_latency_s, new.max_latency_s)
+    return ControllerStats(**total)
+
+
+def run_claimed(cfg: DictConfig, setup: SessionSetup, out_dir: Path, this_run: str, clock: Clock | None) -> dict:
+    """The episodes and results of :func:`realtime`, in an output directory this process holds.
+
+    Every finished episode is kept in ``PROGRESS_FILE``; Ctrl-C ends the run with status 130 and the same command
+    resumes after the kept episodes (each episode starts from a reset controller reseeded with its seed).
+    """
     session, seeds = setup.session, setup.seeds
-    out_dir = prepare_out_dir(cfg.out_dir)  # before the first episode: a run must not fail only at its end
-    check_not_another_run(out_dir, run_id(cfg))
+    kept = load_progress(out_dir, this_run, seeds) or Progress([], [], ControllerStats())
+    if kept.episodes:
+        log.info("resuming: %d of %d episodes finished already (%s)", len(kept.episodes), len(seeds), PROGRESS_FILE)
     if cfg.switch_interval_ms is not None:
         sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
     clock = clock or MonotonicClock()
     make_env = env_factory(cfg.task.name)
     dt = 1.0 / cfg.rate_hz
-    inferences: list[InferenceInfo] = []
-    episodes: list[EpisodeLog] = []
+    inferences: list[InferenceInfo] = list(kept.inferences)
+    episodes: list[EpisodeLog] = list(kept.episodes)
     log.info(
         "%s %s warm=%s at %s Hz, delays obs %s ms / act %s ms, fallback %s, %d episodes",
         cfg.policy.name,
@@ -292,26 +375,39 @@ def realtime(cfg: DictConfig, clock: Clock | None = None) -> dict:
         len(seeds),
     )
     ctrl = build_controller(cfg, SessionPlanner(session), session.policy.config.n_obs_steps, clock, inferences.append)
-    with ctrl, _user_errors_from_worker():
-        for seed in seeds:
-            ep = run_episode(
-                make_env, ctrl, clock, seed, dt, cfg.obs_delay_ms / 1e3, cfg.act_delay_ms / 1e3, cfg.max_steps
-            )
-            episodes.append(ep)
-            worst = max(ep.late_s) * 1e3
-            log.info(
-                "seed %d: max reward %.3f, %d steps, %d fallback ticks, worst wake %.1f ms late, running score %.3f",
-                seed,
-                ep.max_reward,
-                ep.steps,
-                ep.misses,
-                worst,
-                np.mean([e.max_reward for e in episodes]),
-            )
-    results = summarize(cfg, setup, episodes, inferences, ctrl)
+    n_kept = len(episodes)
+    try:
+        with ctrl, _user_errors_from_worker():
+            for seed in seeds[len(episodes) :]:
+                ep = run_episode(
+                    make_env, ctrl, clock, seed, dt, cfg.obs_delay_ms / 1e3, cfg.act_delay_ms / 1e3, cfg.max_steps
+                )
+                episodes.append(ep)  # its inferences are all merged: the next ones belong to the next episode
+                progress = Progress(episodes, inferences, add_stats(kept.stats, ctrl.stats))
+                write_json_atomic(out_dir / PROGRESS_FILE, progress_to_dict(this_run, progress))
+                n_kept = len(episodes)
+                worst = max(ep.late_s) * 1e3
+                log.info(
+                    "seed %d: max reward %.3f, %d steps, %d fallback ticks, worst wake %.1f ms late, running score "
+                    "%.3f",
+                    seed,
+                    ep.max_reward,
+                    ep.steps,
+                    ep.misses,
+                    worst,
+                    np.mean([e.max_reward for e in episodes]),
+                )
+    except KeyboardInterrupt:
+        where = f"kept in {out_dir / PROGRESS_FILE}" if n_kept else "kept (none had finished)"
+        sys.stderr.write(
+            f"interrupted: {n_kept} of {len(seeds)} finished episodes {where}; run the same command again to resume\n"
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    results = summarize(cfg, setup, episodes, inferences, ctrl, stats=add_stats(kept.stats, ctrl.stats))
     write_json_atomic(out_dir / "results.json", results)  # atomic: a killed run leaves no partial file
     table = markdown(results)
     write_text_atomic(out_dir / "results.md", table)
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     print("\n" + table)
     print(f"results written to {out_dir / 'results.json'}")
     return results
