@@ -92,7 +92,11 @@ def _identity(**changes) -> dict:
 
 
 def test_skip_existing_reuses_only_the_same_run(tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps({**_identity(), "score": 0.25}))
+    numbers = {
+        "n_episodes": 1, "score": 0.25, "success_rate": 0.0, "latency_ms": {"p50": 9.0, "p95": 9.0},
+        "iterations": {"mean": 2.0, "p95": 2.0}, "nfe": {"mean": 2.0},
+    }  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps({**_identity(), **numbers}))
     run = _python("rollout.py", "solver=sequential", *FAST, f"out_dir={tmp_path}", "skip_existing=true")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped (skip_existing=true)" in run.stdout + run.stderr and "results written" not in run.stdout
