@@ -2,8 +2,9 @@
 at batch 1, and how much of it is spent outside the network.
 
     python eval/latency.py                                            # this CPU, committed PushT checkpoint
-    python eval/latency.py device=cuda cuda_graphs=true               # a GPU, with CUDA graphs
-    python eval/latency.py device=cuda cuda_graphs=true model=dp_original   # DP's original-size U-Net
+    python eval/latency.py 'engines=[torch,openvino,onnxruntime]' bf16=true   # every CPU engine, one run
+    python eval/latency.py device=cuda 'engines=[torch,cuda_graphs]'  # a GPU, eager vs CUDA graphs
+    python eval/latency.py model=dp_original                          # DP's original-size U-Net
     python eval/latency.py 'configurations=[seq_ddim10,newton_broyden_warm]'   # any configs/experiment/ names
 
 Configurations are named configurations (``configs/experiment/<name>.yaml``,
@@ -19,7 +20,6 @@ everything else. Writes ``latency.json`` and ``latency.md``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -29,13 +29,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from policy_accel.errors import report_user_errors
-from policy_accel.experiment.build import SessionSetup, prepare_out_dir
+from policy_accel.errors import ConfigError, report_user_errors
+from policy_accel.experiment.build import (
+    SessionSetup,
+    cfg_bool,
+    cfg_device,
+    cfg_int,
+    prepare_out_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from policy_accel.experiment.configurations import build_configuration, check_names
 from policy_accel.experiment.hardware import hardware
-from policy_accel.experiment.timing import timing_policy
+from policy_accel.experiment.timing import flops_per_row, gemm_gflops, timing_policy
+from policy_accel.model.engine import resolve_engine
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.profiling import control_sequences
+from policy_accel.solvers.sequential import fused_chain
 
 log = logging.getLogger("latency")
 
@@ -58,6 +68,21 @@ class NetworkTimer:
         self.seconds += time.perf_counter() - start
         self.batches.append(args[0].shape[0])
         return out
+
+    def chain(self, schedule, compile: bool = False):
+        """The engine's whole-chain program, timed as network time (its T calls counted in ``batches``)."""
+        program = fused_chain(self.forward, schedule, compile)
+        if program is None:
+            return None
+
+        def timed(x_T, xi, cond):
+            start = time.perf_counter()
+            out = program(x_T, xi, cond)
+            self.seconds += time.perf_counter() - start
+            self.batches.extend([x_T.shape[0]] * schedule.num_steps)
+            return out
+
+        return timed
 
 
 def cost_model_ms(network_ms: dict[str, float], batches: list[int]) -> float:
@@ -147,88 +172,187 @@ def summarize(timed: list, profiled: list, warm: bool, network_ms: dict[str, flo
     }
 
 
+def network_table(policy: DiffusionPolicy, batches: list[int], repeats: int, flops: float) -> dict:
+    """The engine's call time per batch size, its attained GFLOP/s and its max deviation from the eager module."""
+    network_ms = time_network(policy, batches, repeats)
+    H, A = policy.chunk_shape
+    deviation = 0.0
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, H, A, generator=gen).to(policy.device)
+            t = torch.randint(0, policy.config.schedule.num_train_timesteps, (b,), generator=gen).to(policy.device)
+            c = torch.randn(b, policy.config.unet.global_cond_dim, generator=gen).to(policy.device)
+            gap = (policy.denoiser(x, t, c) - policy.model(x, t, c)).abs().max()
+            deviation = max(deviation, float(gap))
+    return {
+        "engine": policy.engine.to_dict(),
+        "network_ms": network_ms,
+        "gflops": {b: flops * int(b) / (ms * 1e-3) / 1e9 for b, ms in network_ms.items()},
+        "max_abs_dev_vs_eager": deviation,
+        "samplers": {},
+    }
+
+
 @hydra.main(config_path="../configs", config_name="latency", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     names = check_names(list(cfg.configurations))
+    check_options(cfg)
+    engines = check_engines(list(cfg.engines), cfg.device)
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    policy = timing_policy(cfg.checkpoint, cfg.model, device, cfg.cuda_graphs)
+    policy = timing_policy(cfg.checkpoint, cfg.model, device, engines[0])
     # Every configuration is checked and built before the first is timed: a bad one fails in seconds, not later.
+    # The setups share the policy, so each runs on whichever engine serves it at the time.
     shared = {"task": cfg.task, "checkpoint": cfg.checkpoint, "device": cfg.device, "threads": cfg.threads}
     setups = {
         name: build_configuration(name, values={**shared, "check_exactness": False}, policy=policy) for name in names
     }
     out_dir = prepare_out_dir(cfg.out_dir)
+    flops = flops_per_row(policy)
     result = {
         "hardware": hardware(device, cfg.threads),
         "device": str(device),
         "model": cfg.model,
         "unet_down_dims": list(policy.config.unet.down_dims),
         "parameters": sum(p.numel() for p in policy.model.parameters()),
-        "cuda_graphs": bool(cfg.cuda_graphs),
-        "network_ms": time_network(policy, list(cfg.batches), cfg.repeats),
-        "samplers": {},
+        "flops_per_row": flops,
+        "gemm_gflops": {e: gemm_gflops(e) for e in ("torch", "openvino") if e in engines}
+        if device.type == "cpu"
+        else {},
+        "baseline": engines[0],
+        "engines": {},
     }
-    log.info("%s; network ms by batch: %s", result["hardware"], result["network_ms"])
-    task = cfg.task
     sequences = control_sequences(
-        task.dataset,
-        task.get("obs_keys"),
+        cfg.task.dataset,
+        cfg.task.get("obs_keys"),
         cfg.n_episodes,
         cfg.n_inferences,
         policy.config.n_action_steps,
         policy.config.n_obs_steps,
     )
-    for name, (run_cfg, setup) in tqdm(setups.items(), desc="latency", dynamic_ncols=True):
-        run_configuration(setup, sequences[:1], profile=False)  # warm-up (graphs, caches)
-        timed = run_configuration(setup, sequences, profile=False)
-        profiled = run_configuration(setup, sequences, profile=True)
-        summary = summarize(timed, profiled, setup.warm_start is not False, result["network_ms"])
-        result["samplers"][name] = {"spec": describe(name, run_cfg, setup), **summary}
-        log.info("%s: %s", name, {k: round(v, 3) for k, v in summary.items()})
-        (out_dir / "latency.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "latency.md").write_text(markdown(result))
+    for engine in engines:
+        policy.use_engine(engine, cfg.threads)
+        table = result["engines"][engine] = network_table(policy, list(cfg.batches), cfg.repeats, flops)
+        log.info("%s, engine %s: network ms by batch %s", result["hardware"], engine, table["network_ms"])
+        for name, (run_cfg, setup) in tqdm(setups.items(), desc=f"latency ({engine})", dynamic_ncols=True):
+            run_configuration(setup, sequences[:1], profile=False)  # warm-up (graphs, caches)
+            timed = run_configuration(setup, sequences, profile=False)
+            profiled = run_configuration(setup, sequences, profile=True)
+            summary = summarize(timed, profiled, setup.warm_start is not False, table["network_ms"])
+            table["samplers"][name] = {"spec": describe(name, run_cfg, setup), **summary}
+            log.info("%s on %s: %s", name, engine, {k: round(v, 3) for k, v in summary.items()})
+            write_json_atomic(out_dir / "latency.json", result)
+    if cfg.fused and device.type == "cpu":  # the sequential configurations with each chain as one program
+        policy.use_engine("openvino", cfg.threads, fuse_chains=True)
+        table = result["engines"]["openvino_fused"] = network_table(policy, list(cfg.batches), cfg.repeats, flops)
+        for name, (run_cfg, setup) in setups.items():
+            setup.session.prepare()
+            if fused_chain(policy.denoiser, setup.session.schedule) is None:
+                continue  # not a fusable sequential chain: the same as per-call openvino
+            run_configuration(setup, sequences[:1], profile=False)
+            timed = run_configuration(setup, sequences, profile=False)
+            profiled = run_configuration(setup, sequences, profile=True)
+            summary = summarize(timed, profiled, setup.warm_start is not False, table["network_ms"])
+            table["samplers"][name] = {"spec": describe(name, run_cfg, setup), **summary}
+            log.info("%s fused: %s", name, {k: round(v, 3) for k, v in summary.items()})
+            write_json_atomic(out_dir / "latency.json", result)
+    if cfg.bf16 and device.type == "cpu":  # approximate: the call alone, labelled, never a configuration's engine
+        policy.use_engine("openvino", cfg.threads, precision="bf16")
+        result["engines"]["openvino_bf16"] = network_table(policy, list(cfg.batches), cfg.repeats, flops)
+    write_json_atomic(out_dir / "latency.json", result)
+    write_text_atomic(out_dir / "latency.md", markdown(result))
     print(markdown(result))
 
 
+def check_options(cfg: DictConfig) -> None:
+    """The run's own options, before anything is built or timed (each error names the key)."""
+    cfg_device(cfg)
+    for key in ("threads", "repeats", "n_episodes", "n_inferences"):
+        cfg_int(cfg, key, minimum=1)
+    batches = list(cfg.batches)
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise ConfigError(f"batches={batches} is not allowed: expected a non-empty list of integers >= 1")
+    cfg_bool(cfg, "bf16")
+    cfg_bool(cfg, "fused")
+
+
+def check_engines(engines: list, device: str) -> list[str]:
+    """The engines to compare, the first being the baseline: each known and installed here, none twice."""
+    if not engines or len(set(engines)) != len(engines):
+        raise ConfigError(f"engines={engines} is not allowed: expected distinct engine names, e.g. [torch,openvino]")
+    resolved = [resolve_engine(e, device) for e in engines]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"engines={engines} names one engine twice (auto is {resolve_engine('auto', device)} here)")
+    return resolved
+
+
 def markdown(result: dict) -> str:
-    seq = result["samplers"].get("seq_ddpm100", {}).get("latency_ms_p50")
-    seq_model = result["samplers"].get("seq_ddpm100", {}).get("cost_model_ms_p50")
+    base = result["engines"][result["baseline"]]
+    batches = list(base["network_ms"])
+    limit = max(result["gemm_gflops"].values(), default=None)
+    limit_text = (
+        "; fp32 GEMM reference " + ", ".join(f"{e} {v:.0f}" for e, v in result["gemm_gflops"].items()) + " GFLOP/s"
+        if limit
+        else ""
+    )
     lines = [
         f"# Latency report ({result['model']}, {result['parameters'] / 1e6:.2f} M parameters, "
-        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'})",
+        f"{result['flops_per_row'] / 1e6:.1f} MFLOP per row)",
         "",
-        result["hardware"],
+        result["hardware"] + limit_text,
         "",
-        "## Denoiser call (ms, median)",
+        "## Denoiser call (ms, median; speed-up vs " + result["baseline"] + " in this run)",
         "",
-        "| batch | " + " | ".join(result["network_ms"]) + " |",
-        "|---|" + "---|" * len(result["network_ms"]),
-        "| ms | " + " | ".join(f"{v:.2f}" for v in result["network_ms"].values()) + " |",
+        "| engine | "
+        + " | ".join(f"b={b}" for b in batches)
+        + " | max dev vs eager | GFLOP/s at b=1"
+        + (" | % of GEMM limit" if limit else "")
+        + " |",
+        "|---|" + "---|" * (len(batches) + 2 + bool(limit)),
+    ]
+    for name, table in result["engines"].items():
+        label = f"{name} (approx.)" if table["engine"]["approximate"] else name
+        cells = [
+            f"{ms:.2f} ({base['network_ms'][b] / ms:.2f}x)" if name != result["baseline"] else f"{ms:.2f}"
+            for b, ms in table["network_ms"].items()
+        ]
+        g1 = table["gflops"].get("1")
+        row = f"| {label} | " + " | ".join(cells) + f" | {table['max_abs_dev_vs_eager']:.1e} | "
+        row += f"{g1:.0f}" if g1 is not None else "–"
+        row += f" | {100 * g1 / limit:.0f}% |" if limit and g1 is not None else (" | – |" if limit else " |")
+        lines.append(row)
+    lines += [
         "",
         "## Per inference at batch 1 (warm rows: warm inferences only)",
         "",
-        "| sampler | p50 ms | p95 ms | vs seq. DDPM-100 | rounds | network evals | network ms | outside network "
-        "| cost-model ms | cost-model ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | sampler | p50 ms | p95 ms | vs "
+        + result["baseline"]
+        + " | vs seq. DDPM-100 | rounds | network evals "
+        "| network ms | outside network | cost-model ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in result["samplers"].items():
-        ratio = f"{seq / r['latency_ms_p50']:.2f}x" if seq else "–"
-        ceiling = f"{seq_model / r['cost_model_ms_p50']:.2f}x" if seq_model else "–"
-        label = f"{name} (approx.)" if r.get("spec", {}).get("approximate") else name  # not the sampler's output
-        lines.append(
-            f"| {label} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p95']:.2f} | {ratio} | "
-            f"{r['iterations_mean']:.1f} | {r['nfe_mean']:.0f} | {r['network_ms_p50']:.2f} | "
-            f"{100 * r['overhead_frac']:.1f}% | {r['cost_model_ms_p50']:.2f} | {ceiling} |"
-        )
+    for engine, table in result["engines"].items():
+        seq = table["samplers"].get("seq_ddpm100", {}).get("latency_ms_p50")
+        for name, r in table["samplers"].items():
+            ref = base["samplers"].get(name, {}).get("latency_ms_p50")
+            vs_base = f"{ref / r['latency_ms_p50']:.2f}x" if ref and engine != result["baseline"] else "–"
+            ratio = f"{seq / r['latency_ms_p50']:.2f}x" if seq else "–"
+            label = f"{name} (approx.)" if r.get("spec", {}).get("approximate") else name  # not the sampler's output
+            lines.append(
+                f"| {engine} | {label} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p95']:.2f} | {vs_base} | {ratio} | "
+                f"{r['iterations_mean']:.1f} | {r['nfe_mean']:.0f} | {r['network_ms_p50']:.2f} | "
+                f"{100 * r['overhead_frac']:.1f}% | {r['cost_model_ms_p50']:.2f} |"
+            )
     lines += [
         "",
-        "Cost-model ms: the inference's network calls priced at the fixed-batch call times above (its floor with "
-        "zero overhead); cost-model ceiling: sequential DDPM-100's cost-model ms over this one (the speed-up if "
-        "both ran at that floor).",
+        "Max dev: max |engine - eager module| over one random call at every batch size above (float32). GFLOP/s: "
+        "FLOPs counted by torch's FLOP counter per row, over the median call time. Cost-model ms: the inference's "
+        "network calls priced at the fixed-batch call times of its engine (its floor with zero overhead). All rows "
+        "of this report ran in one process, one after another; compare only within it.",
     ]
     return "\n".join(lines) + "\n"
 

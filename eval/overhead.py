@@ -2,8 +2,8 @@
 (counted with a dispatch-mode counter, exact on any device), and time per round outside the network, at batch 1.
 
     python eval/overhead.py                                   # this CPU, committed PushT checkpoint
-    python eval/overhead.py device=cuda cuda_graphs=true      # a GPU
-    python eval/overhead.py device=cuda cuda_graphs=true model=dp_original out_dir=reports/overhead/cuda_dp_original
+    python eval/overhead.py device=cuda      # a GPU (engine=auto: CUDA graphs)
+    python eval/overhead.py device=cuda model=dp_original out_dir=reports/overhead/cuda_dp_original
 
 Solves come from closed-loop-like sequences (the task dataset's episodes, one inference every n_action_steps
 frames) through the Session the rollouts use; warm rows use exact warm starts with coupled noise and are
@@ -76,7 +76,7 @@ def standin_ms_per_round(policy: DiffusionPolicy, schedule, spec: dict, repeats:
 def main(cfg: DictConfig) -> None:
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    policy = timing_policy(cfg.checkpoint, cfg.model, device, cfg.cuda_graphs)
+    policy = timing_policy(cfg.checkpoint, cfg.model, device, cfg.engine)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sequences = control_sequences(
@@ -87,7 +87,7 @@ def main(cfg: DictConfig) -> None:
         policy.config.n_action_steps,
         policy.config.n_obs_steps,
     )
-    result = {"hardware": hardware(device, cfg.threads), "rows": []}
+    result = {"hardware": hardware(device, cfg.threads), "engine": policy.engine.to_dict(), "rows": []}
     standin = {}
     started = time.perf_counter()
     # An entry set to null on the command line (solvers.parataa=null, schedules.ddpm100=null) is skipped.
@@ -128,7 +128,7 @@ def markdown(result: dict, standin: dict, command: str, seconds: float) -> str:
     lines = [
         "# Per-round overhead outside the network (batch 1)",
         "",
-        result["hardware"],
+        f"{result['hardware']}; denoiser engine: {result['engine']['name']} {result['engine']['version']}",
         "",
         f"Made by `{command}` ({seconds / 60:.0f} min). Operators and host reads are counted with a dispatch-mode "
         "counter (`policy_accel.profiling.OpCounter`): every ATen operator of one solve outside its network calls, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ PUSHT_CHECKPOINT = ROOT / "checkpoints" / "pusht"
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(1)  # deterministic and no oversubscription next to other jobs
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _engine_cache(tmp_path_factory):
+    """Compiled networks go to a fresh cache for the session (and the commands it runs), not the user's."""
+    os.environ["POLICY_ACCEL_CACHE"] = str(tmp_path_factory.mktemp("engine_cache"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_latency_report_has_the_cost_model_fields(tmp_path):
+def test_latency_report_has_the_cost_model_fields_per_engine(tmp_path):
     cmd = [
         sys.executable,
         "eval/latency.py",
@@ -22,26 +22,56 @@ def test_latency_report_has_the_cost_model_fields(tmp_path):
         "repeats=2",
         "n_episodes=1",
         "n_inferences=3",
+        "engines=[torch,openvino]",
         "configurations=[seq_ddpm100,newton_broyden_warm,seq_ddim2]",
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "latency.json").read_text())
-    assert "CPU" in report["hardware"] and set(report["network_ms"]) == {"1", "4"}
-    assert set(report["samplers"]) == {"seq_ddpm100", "newton_broyden_warm", "seq_ddim2"}
-    for name, row in report["samplers"].items():
-        assert row["latency_ms_p50"] > 0 and 0.0 <= row["overhead_frac"] <= 1.0, name
-        assert row["network_ms_p50"] <= row["profiled_latency_ms_p50"]
-    assert report["samplers"]["seq_ddpm100"]["iterations_mean"] == 100
-    assert report["samplers"]["newton_broyden_warm"]["n"] == 2  # warm rows only: the first inference is cold
-    assert "| seq_ddim2 |" in (tmp_path / "latency.md").read_text()
+    assert "CPU" in report["hardware"] and report["baseline"] == "torch"
+    assert set(report["engines"]) == {"torch", "openvino"}
+    assert report["flops_per_row"] > 1e6 and set(report["gemm_gflops"]) == {"torch", "openvino"}
+    for engine, table in report["engines"].items():
+        assert table["engine"]["name"] == engine and set(table["network_ms"]) == {"1", "4"}
+        assert table["max_abs_dev_vs_eager"] <= 1e-5 and table["gflops"]["1"] > 0
+        assert set(table["samplers"]) == {"seq_ddpm100", "newton_broyden_warm", "seq_ddim2"}
+        for name, row in table["samplers"].items():
+            assert row["latency_ms_p50"] > 0 and 0.0 <= row["overhead_frac"] <= 1.0, name
+            assert row["network_ms_p50"] <= row["profiled_latency_ms_p50"]
+        assert table["samplers"]["seq_ddpm100"]["iterations_mean"] == 100
+        assert table["samplers"]["newton_broyden_warm"]["n"] == 2  # warm rows only: the first inference is cold
+        # sequential DDPM-100 makes 100 batch-1 calls: its cost-model time is 100 measured batch-1 calls
+        seq = table["samplers"]["seq_ddpm100"]
+        assert seq["cost_model_ms_p50"] == pytest.approx(100 * table["network_ms"]["1"])
+    assert report["engines"]["torch"]["max_abs_dev_vs_eager"] == 0.0
+    md = (tmp_path / "latency.md").read_text()
+    assert "| openvino | seq_ddim2 |" in md and "| torch | seq_ddim2 |" in md
     # each row records the named configuration it ran, as configs/experiment/ defines it
-    warm = report["samplers"]["newton_broyden_warm"]["spec"]
+    warm = report["engines"]["openvino"]["samplers"]["newton_broyden_warm"]["spec"]
     assert warm["experiment"] == "newton_broyden_warm" and warm["solver"] == "newton" and warm["warm_start"] is True
     assert warm["options"]["jacobian"] == "broyden" and warm["noise"] == "coupled"
-    assert report["samplers"]["seq_ddim2"]["spec"]["schedule"] == {"kind": "ddim", "num_inference_steps": 2}
-    # sequential DDPM-100 makes 100 batch-1 calls: its cost-model time is 100 measured batch-1 calls
-    seq = report["samplers"]["seq_ddpm100"]
-    assert seq["cost_model_ms_p50"] == pytest.approx(100 * report["network_ms"]["1"])
+    assert report["engines"]["torch"]["samplers"]["seq_ddim2"]["spec"]["schedule"] == {
+        "kind": "ddim",
+        "num_inference_steps": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("repeats=0", "repeats=0 is not allowed"),
+        ("threads=0", "threads=0 is not allowed"),
+        ("n_inferences=0", "n_inferences=0 is not allowed"),
+        ("device=bogus", "device='bogus' is not allowed"),
+        ("engines=[torch,torch]", "distinct engine names"),
+        ("engines=[tensorrt]", "engine='tensorrt' is not allowed"),
+        ("batches=[0]", "batches=[0] is not allowed"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_anything_is_timed(tmp_path, override, match):
+    cmd = [sys.executable, "eval/latency.py", f"out_dir={tmp_path}", override]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and match in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "latency.json").exists()
 
 
 def test_unknown_configuration_fails_before_anything_is_timed(tmp_path):

@@ -70,14 +70,20 @@ def save_policy(
     return path
 
 
-def load_policy(path: str | Path, device: torch.device | str = "cpu", trust_pickle: bool = False) -> DiffusionPolicy:
+def load_policy(
+    path: str | Path, device: torch.device | str = "cpu", trust_pickle: bool = False, engine: str = "auto"
+) -> DiffusionPolicy:
     """Load a policy in any supported format; every failure is a :class:`CheckpointError` naming the file.
 
     ``trust_pickle=True`` is needed for Diffusion Policy's ``.ckpt`` files only: they are pickles, and
     unpickling a file can run code from it, so they are refused unless the caller vouches for the file with the
     boolean ``True`` (a string such as ``"no"`` is an error, never a yes).
+
+    ``engine``: what serves the denoiser (:meth:`DiffusionPolicy.use_engine`); ``auto`` compiles it for the
+    fastest exact engine of ``device`` now, once, outside any control loop; ``torch`` keeps the eager module.
     """
-    return read_checkpoint(path, trust_pickle=trust_pickle).policy.to(device)
+    policy = read_checkpoint(path, trust_pickle=trust_pickle).policy.to(device)
+    return policy if engine == "torch" else policy.use_engine(engine)
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheckpoint:

@@ -53,6 +53,22 @@ class SequentialSolver:
         T, B = schedule.num_steps, noise.x_T.shape[0]
         clock = Clock(budget, T)
         xi = step_noise(schedule, noise)
+        program = fused_chain(denoiser, schedule) if budget is None else None
+        if program is not None:  # the whole chain as one compiled program (policy_accel/model/engine.py)
+            traj = program(noise.x_T, xi, global_cond)
+            return _flag_non_finite(
+                SolveResult(
+                    sample=traj[-1],
+                    trajectory=traj,
+                    iterations=T,
+                    nfe=T * B,
+                    converged=True,
+                    residual=0.0,
+                    wall_time_s=clock.elapsed(),
+                    stop_reason="converged",
+                    state=SolveState(traj),
+                )
+            )
         traj = cold_trajectory(noise, T)
         y = noise.x_T
         indices = torch.arange(T, device=y.device).view(T, 1).expand(T, B)  # views per step, no allocation
@@ -83,6 +99,13 @@ class SequentialSolver:
                 state=SolveState(traj),
             )
         )
+
+
+def fused_chain(denoiser: Denoiser, schedule: Schedule, compile: bool = False):
+    """The engine's one-program version of ``schedule``'s chain, when the denoiser offers one and it was prepared
+    (``compile=True`` prepares it: before a control loop, never inside one); None otherwise."""
+    chain = getattr(denoiser, "chain", None)
+    return None if chain is None else chain(schedule, compile=compile)
 
 
 def _flag_non_finite(result: SolveResult) -> SolveResult:

@@ -1,0 +1,437 @@
+"""Inference engines for the denoiser: the same network, compiled, behind the ``denoiser(sample, t, cond)`` slot.
+
+Why: at batch 1 eager PyTorch runs the PushT U-Net at a few percent of this kind of CPU's fp32 rate (about 150
+small operators, each dispatched from Python); an ahead-of-time compiled graph runs the same arithmetic several times
+faster per call. The solvers then multiply on top. Every engine here is exact in float32 (tested: max |engine -
+eager| <= :data:`EXACT_TOLERANCE` per call); ``precision="bf16"`` is the one approximate option and is labelled so.
+
+* ``torch``: the module itself (eager).
+* ``openvino``: the module converted by OpenVINO's PyTorch frontend (dynamic batch), compiled for the CPU with
+  ``f32`` inference precision. The default on CPU (``auto``).
+* ``onnxruntime``: exported to ONNX (opset 17, dynamic batch), served by ONNX Runtime's CPU provider (an extra).
+* ``cuda_graphs``: one captured CUDA graph per padded batch size (:mod:`policy_accel.model.graphs`); ``auto`` on CUDA.
+
+Converted networks are cached on disk (``$POLICY_ACCEL_CACHE``, default ``~/.cache/policy_accel``), keyed by the
+weights, the shapes, the engine and its version, so only the first start of a network pays for the conversion.
+Forward-mode dual inputs (Newton's ``derivatives=forward_ad``) carry tangents no compiled graph propagates: those
+calls run the eager module, which gives the same Jacobians as without an engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd import forward_ad
+
+from policy_accel.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "openvino", "onnxruntime", "cuda_graphs")
+PRECISIONS = ("f32", "bf16")
+EXACT_TOLERANCE = 1e-5  # max |engine - eager| per call, float32 (the engines' tested contract)
+_INPUT_NAMES = ("sample", "timestep", "global_cond")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What serves the denoiser, for results.json and reports."""
+
+    name: str  # torch | openvino | onnxruntime | cuda_graphs
+    version: str
+    precision: str  # f32 (exact) | bf16 (approximate)
+    threads: int
+    compile_s: float = 0.0  # conversion + compilation at this start (0 for torch)
+    fused_chains: bool = False  # short sequential chains run as one compiled program each
+    cache_hit: bool = False  # the converted network came from the disk cache
+
+    @property
+    def approximate(self) -> bool:
+        return self.precision != "f32"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "precision": self.precision,
+            "threads": self.threads,
+            "compile_s": round(self.compile_s, 4),
+            "cache_hit": self.cache_hit,
+            "fused_chains": self.fused_chains,
+            "approximate": self.approximate,
+        }
+
+
+def available(name: str) -> bool:
+    """Whether engine ``name`` can run here (its package imports; CUDA graphs need a GPU)."""
+    if name == "torch":
+        return True
+    if name == "openvino":
+        return importlib.util.find_spec("openvino") is not None
+    if name == "onnxruntime":
+        return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    if name == "cuda_graphs":
+        return torch.cuda.is_available()
+    return False
+
+
+def resolve_engine(name: str, device: torch.device | str) -> str:
+    """``auto`` -> the fastest exact engine for ``device`` (measured: ``eval/latency.py``); others checked."""
+    if name not in ENGINES:
+        raise ConfigError(f"engine={name!r} is not allowed: expected one of {', '.join(ENGINES)}")
+    kind = torch.device(device).type
+    if name == "auto":
+        if kind == "cuda":
+            return "cuda_graphs"
+        return "openvino" if kind == "cpu" and available("openvino") else "torch"
+    if name in ("openvino", "onnxruntime") and kind != "cpu":
+        raise ConfigError(f"engine={name} runs on the CPU only, but device={device}")
+    if name == "cuda_graphs" and kind != "cuda":
+        raise ConfigError(f"engine=cuda_graphs needs device=cuda, got device={device}")
+    if not available(name):
+        extra = {"onnxruntime": "pip install -e '.[onnxruntime]'"}.get(name, "")
+        raise ConfigError(f"engine={name} is not installed here" + (f" ({extra})" if extra else ""))
+    return name
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("POLICY_ACCEL_CACHE") or Path.home() / ".cache" / "policy_accel") / "engines"
+
+
+def network_key(model: nn.Module, sample_shape: tuple[int, ...], cond_dim: int, tag: str) -> str:
+    """A digest of everything that makes a converted network differ: weights, shapes, engine and versions."""
+    digest = hashlib.sha256()
+    digest.update(f"{type(model).__qualname__}|{sample_shape}|{cond_dim}|{tag}|torch {torch.__version__}".encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:24]
+
+
+def _cached_artifact(key_dir: Path, filename: str, write) -> tuple[Path, bool]:
+    """``key_dir/filename``, written once by ``write(tmp_path)`` into a temporary folder renamed into place, so
+    that a killed or concurrent start never leaves a half-written network behind."""
+    target = key_dir / filename
+    if target.exists():
+        return target, True
+    key_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=key_dir.name + ".", dir=key_dir.parent))
+    try:
+        write(tmp / filename)
+        try:
+            os.replace(tmp, key_dir)
+        except OSError:  # another start finished first: keep its copy
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, False
+
+
+def _example_inputs(model: nn.Module, sample_shape: tuple[int, ...], cond_dim: int, batch: int = 2):
+    device = next(model.parameters()).device
+    return (
+        torch.zeros((batch, *sample_shape), device=device),
+        torch.zeros((batch,), device=device),
+        torch.zeros((batch, cond_dim), device=device),
+    )
+
+
+class CompiledDenoiser:
+    """Drop-in ``denoiser(sample, timestep, global_cond)``: float32 CPU tensors in, a new tensor out."""
+
+    def __init__(self, model: nn.Module, info: EngineInfo):
+        self.model = model
+        self.info = info
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
+        if forward_ad.unpack_dual(sample).tangent is not None:
+            return self.model(sample, timestep, global_cond)  # Newton's forward-mode Jacobians
+        n = sample.shape[0]
+        t = torch.as_tensor(timestep)
+        t = (t.expand(n) if t.ndim == 0 else t).to(torch.float32)  # the network reads t.float() first
+        return self._run(
+            sample.detach().to(torch.float32).contiguous(),
+            t.contiguous(),
+            global_cond.detach().to(torch.float32).contiguous(),
+        )
+
+    def _run(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+MAX_FUSED_STEPS = 16  # longer chains make one program too large to compile quickly (DDPM-100: 100 U-Nets)
+
+
+class _SequentialChain(nn.Module):
+    """A fixed sampler's whole one-step chain, unrolled: (x_T, xi, cond) -> every state (T + 1, B, H, A).
+
+    The same arithmetic as :class:`~policy_accel.solvers.sequential.SequentialSolver` (``schedule.step`` plus the
+    drawn noise ``xi_j``), so that one compiled program replaces T calls and the Python between them.
+    """
+
+    def __init__(self, model: nn.Module, schedule) -> None:
+        super().__init__()
+        self.model = model
+        self.schedule = schedule
+
+    def forward(self, x_T: torch.Tensor, xi: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        states = [x_T]
+        y = x_T
+        rows = torch.zeros_like(x_T[:, 0, 0], dtype=torch.long)  # (B,): the batch size stays dynamic
+        for j in range(self.schedule.num_steps):
+            index = rows + j
+            eps = self.model(y, self.schedule.timesteps[index], cond)
+            y = self.schedule.step(y, eps, index) + xi[j]
+            states.append(y)
+        return torch.stack(states)
+
+
+def fusable(schedule) -> bool:
+    """Whether one program can run ``schedule``'s chain: a one-step sampler of at most MAX_FUSED_STEPS steps."""
+    return not schedule.is_multistep and schedule.num_steps <= MAX_FUSED_STEPS
+
+
+class OpenVINODenoiser(CompiledDenoiser):
+    """OpenVINO's CPU plugin, f32 (exact) or bf16 (approximate) inference precision, one dynamic-batch model.
+
+    Inputs are shared with the torch tensors and the output is written straight into a new torch tensor
+    (no copies); each thread gets its own infer request (the real-time controller plans in a worker thread).
+    ``fuse_chains``: a sequential solve of a short one-step sampler runs as one program (:meth:`chain`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sample_shape: tuple[int, ...],
+        cond_dim: int,
+        threads: int,
+        precision: str = "f32",
+        cache_dir: Path | None = None,
+        fuse_chains: bool = False,
+    ):
+        import openvino as ov
+
+        start = time.perf_counter()
+        version = ov.get_version().split("-")[0]
+        key = network_key(model, sample_shape, cond_dim, f"openvino {version}")
+
+        def convert(path: Path) -> None:
+            with torch.no_grad():
+                converted = ov.convert_model(
+                    model,
+                    example_input=_example_inputs(model, sample_shape, cond_dim),
+                    input=[
+                        ov.PartialShape([-1, *sample_shape]),
+                        ov.PartialShape([-1]),
+                        ov.PartialShape([-1, cond_dim]),
+                    ],
+                )
+            for port, name in zip(converted.inputs, _INPUT_NAMES, strict=True):
+                port.get_tensor().set_names({name})
+            ov.save_model(converted, path, compress_to_fp16=False)  # f32 weights: fp16 would break exactness
+
+        xml, hit = _cached_artifact((cache_dir or cache_root()) / f"openvino-{key}", "denoiser.xml", convert)
+        core = ov.Core()
+        # OpenVINO's own cache of compiled blobs: a second start skips compilation too (one folder per engine build)
+        core.set_property({"CACHE_DIR": str((cache_dir or cache_root()) / f"openvino-blobs-{version}")})
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": precision,
+        }
+        self._compiled = core.compile_model(core.read_model(xml), "CPU", config)
+        self._ov_tensor = ov.Tensor
+        self._local = threading.local()
+        self._out_tail = tuple(sample_shape)
+        self._key, self._cache_dir, self._core, self._config = key, cache_dir or cache_root(), core, config
+        self._chains: dict[str, object] = {}
+        self.fuse_chains = fuse_chains
+        seconds = time.perf_counter() - start
+        info = EngineInfo(
+            "openvino", version, precision, threads, compile_s=seconds, cache_hit=hit, fused_chains=fuse_chains
+        )
+        super().__init__(model, info)
+
+    def chain(self, schedule, compile: bool = False) -> _ChainProgram | None:
+        """The compiled program of ``schedule``'s whole sequential chain, or None where there is none.
+
+        ``compile=True`` builds it (cached on disk): done by a session before its first inference, so that a solve
+        never compiles inside a control loop; a solve asks with ``compile=False`` and runs call by call when the
+        chain was not prepared (fusing off, a multistep or long sampler, a chain chosen per inference)."""
+        if not self.fuse_chains or not fusable(schedule) or schedule.device.type != "cpu":
+            return None
+        tag = json.dumps(schedule.describe(), sort_keys=True)
+        program = self._chains.get(tag)
+        if program is None and compile:
+            program = self._chains[tag] = self._compile_chain(schedule, tag)
+        return program
+
+    def _compile_chain(self, schedule, tag: str) -> _ChainProgram:
+        import openvino as ov
+
+        T, shape = schedule.num_steps, self._out_tail
+        cond_dim = self._compiled.inputs[2].get_partial_shape()[1].get_length()
+        key = hashlib.sha256(f"{self._key}|chain|{tag}".encode()).hexdigest()[:24]
+
+        def convert(path: Path) -> None:
+            example = (torch.zeros(2, *shape), torch.zeros(T, 2, *shape), torch.zeros(2, cond_dim))
+            with torch.no_grad():
+                converted = ov.convert_model(
+                    _SequentialChain(self.model, schedule.to("cpu")),
+                    example_input=example,
+                    input=[
+                        ov.PartialShape([-1, *shape]),
+                        ov.PartialShape([T, -1, *shape]),
+                        ov.PartialShape([-1, cond_dim]),
+                    ],
+                )
+            ov.save_model(converted, path, compress_to_fp16=False)
+
+        xml, _ = _cached_artifact(self._cache_dir / f"openvino-chain-{key}", "chain.xml", convert)
+        return _ChainProgram(self._core.compile_model(self._core.read_model(xml), "CPU", self._config), T, shape)
+
+    def _run(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        out = torch.empty((sample.shape[0], *self._out_tail), dtype=torch.float32)
+        request.set_output_tensor(0, self._ov_tensor(out.numpy(), shared_memory=True))
+        request.infer((sample.numpy(), timestep.numpy(), cond.numpy()), share_inputs=True, share_outputs=True)
+        return out
+
+
+class _ChainProgram:
+    """One compiled sequential chain: (x_T, xi, cond) -> trajectory (T + 1, B, H, A), written into a torch tensor."""
+
+    def __init__(self, compiled, num_steps: int, sample_shape: tuple[int, ...]):
+        import openvino as ov
+
+        self._compiled, self._T, self._shape, self._ov_tensor = compiled, num_steps, sample_shape, ov.Tensor
+        self._local = threading.local()
+
+    def __call__(self, x_T: torch.Tensor, xi: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        out = torch.empty((self._T + 1, x_T.shape[0], *self._shape), dtype=torch.float32)
+        request.set_output_tensor(0, self._ov_tensor(out.numpy(), shared_memory=True))
+        inputs = (x_T.float().contiguous().numpy(), xi.float().contiguous().numpy(), cond.float().contiguous().numpy())
+        request.infer(inputs, share_inputs=True, share_outputs=True)
+        return out
+
+
+class OnnxRuntimeDenoiser(CompiledDenoiser):
+    """ONNX Runtime's CPU execution provider on the network exported to ONNX (opset 17, dynamic batch)."""
+
+    def __init__(
+        self, model: nn.Module, sample_shape: tuple[int, ...], cond_dim: int, threads: int, cache_dir: Path | None
+    ):
+        import onnxruntime as ort
+
+        start = time.perf_counter()
+        key = network_key(model, sample_shape, cond_dim, f"onnxruntime {ort.__version__}")
+
+        def export(path: Path) -> None:
+            dynamic = {name: {0: "batch"} for name in (*_INPUT_NAMES, "eps")}
+            with torch.no_grad():
+                torch.onnx.export(
+                    model,
+                    _example_inputs(model, sample_shape, cond_dim),
+                    str(path),
+                    input_names=list(_INPUT_NAMES),
+                    output_names=["eps"],
+                    dynamic_axes=dynamic,
+                    opset_version=17,
+                    dynamo=False,
+                )
+
+        path, hit = _cached_artifact((cache_dir or cache_root()) / f"onnxruntime-{key}", "denoiser.onnx", export)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        super().__init__(
+            model,
+            EngineInfo(
+                "onnxruntime", ort.__version__, "f32", threads, compile_s=time.perf_counter() - start, cache_hit=hit
+            ),
+        )
+
+    def _run(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        feeds = dict(zip(_INPUT_NAMES, (sample.numpy(), timestep.numpy(), cond.numpy()), strict=True))
+        return torch.from_numpy(np.asarray(self._session.run(None, feeds)[0]))
+
+
+def compile_denoiser(
+    model: nn.Module,
+    engine: str,
+    *,
+    sample_shape: tuple[int, ...],
+    cond_dim: int,
+    threads: int | None = None,
+    precision: str = "f32",
+    cache_dir: Path | None = None,
+    fuse_chains: bool = False,
+):
+    """The callable that serves ``model`` on ``engine`` (already resolved: not ``auto``) and its :class:`EngineInfo`.
+
+    ``threads``: the engine's intra-op threads (default: torch's current setting, so ``threads=`` in a run config
+    governs both). ``fuse_chains`` (OpenVINO): sequential solves of short one-step samplers run as one program each
+    (compiled when a session starts: 10-60 s the first time a sampler is seen, then cached).
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"threads={threads!r} is not allowed: expected an integer >= 1")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"engine_precision={precision!r} is not allowed: expected one of {', '.join(PRECISIONS)}")
+    if precision != "f32" and engine != "openvino":
+        raise ConfigError(f"engine_precision={precision} is offered by engine=openvino only, not {engine}")
+    if fuse_chains is not False and (fuse_chains is not True or engine != "openvino"):
+        raise ConfigError(f"engine_fuse={fuse_chains!r} is not allowed: true is offered by engine=openvino only")
+    model = model.eval()
+    if engine == "torch":
+        return model, EngineInfo("torch", torch.__version__, "f32", threads)
+    if engine == "openvino":
+        served = OpenVINODenoiser(model, sample_shape, cond_dim, threads, precision, cache_dir, fuse_chains)
+        return served, served.info
+    if engine == "onnxruntime":
+        served = OnnxRuntimeDenoiser(model, sample_shape, cond_dim, threads, cache_dir)
+        return served, served.info
+    if engine == "cuda_graphs":
+        from policy_accel.model.graphs import GraphedDenoiser
+
+        return GraphedDenoiser(model), EngineInfo("cuda_graphs", torch.__version__, "f32", threads)
+    raise ConfigError(f"engine={engine!r} is not allowed: expected one of {', '.join(ENGINES[1:])}")
+
+
+__all__ = [
+    "ENGINES",
+    "EXACT_TOLERANCE",
+    "MAX_FUSED_STEPS",
+    "PRECISIONS",
+    "CompiledDenoiser",
+    "EngineInfo",
+    "available",
+    "cache_root",
+    "compile_denoiser",
+    "fusable",
+    "network_key",
+    "resolve_engine",
+]
