@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
-from policy_accel.errors import ObservationError
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
+from policy_accel.observations import check_observation
 from policy_accel.schedule import Schedule, ScheduleConfig
+from policy_accel.schema import check_fields, check_mapping
 from policy_accel.solvers.base import Noise, Solver, SolveResult
 
 
@@ -32,17 +31,14 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         # Types first, then ranges: a config that loads must also run (n_action_steps=0 never ends an episode,
         # "16" as horizon fails deep inside, "no" would read as a true clip_sample).
-        check_fields(self, PolicyConfig, "", skip=("unet", "schedule"))
+        check_fields(self, skip=("unet", "schedule"))
         for name, cls in (("unet", UNetConfig), ("schedule", ScheduleConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                unknown = sorted(set(value) - {f.name for f in fields(cls)})
-                if unknown:
-                    raise ValueError(f"{name} has unknown fields {unknown}")
-                check_fields(value, cls, f"{name}.")
+                check_mapping(value, cls, f"{name}.")
                 setattr(self, name, cls(**value))
             elif isinstance(value, cls):
-                check_fields(value, cls, f"{name}.")
+                check_fields(value, f"{name}.")
             else:
                 raise ValueError(f"{name} must be a mapping, got {value!r}")
         for name in ("obs_dim", "action_dim", "horizon", "n_obs_steps", "n_action_steps"):
@@ -79,40 +75,6 @@ class PolicyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _type_ok(value: object, hint: object) -> bool:
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list | tuple) and all(_type_ok(v, item) for v in value)
-    return True
-
-
-def check_fields(obj: object, cls: type, prefix: str, skip: tuple[str, ...] = ()) -> None:
-    """Each field of dataclass ``cls`` in ``obj`` (an instance or a dict) has its declared type, exactly:
-    integers are not bools or strings, booleans are not strings ("no" is not false), floats are finite."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        if isinstance(obj, dict):
-            if f.name not in obj:
-                continue
-            value = obj[f.name]
-        else:
-            value = getattr(obj, f.name)
-        hint = hints[f.name]
-        if not _type_ok(value, hint):
-            wanted = getattr(hint, "__name__", str(hint))
-            raise ValueError(f"{prefix}{f.name}={value!r} is not of type {wanted}")
 
 
 def check_finite_tensors(named: dict[str, torch.Tensor], what: str = "") -> None:
@@ -181,24 +143,10 @@ class DiffusionPolicy:
 
     def condition(self, obs_history: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, n_obs_steps, obs_dim) raw observations -> (B, n_obs_steps * obs_dim) normalized condition."""
-        try:
-            raw = np.asarray(obs_history, dtype=np.float64) if not torch.is_tensor(obs_history) else obs_history
-            obs = torch.as_tensor(raw)
-        except (TypeError, ValueError) as err:
-            raise ObservationError(f"observation history is not an array of numbers: {err}") from None
-        expected = (self.config.n_obs_steps, self.config.obs_dim)
-        if obs.ndim != 3 or tuple(obs.shape[1:]) != expected or obs.shape[0] < 1:
-            raise ObservationError(
-                f"observation history must have shape (B, {expected[0]}, {expected[1]}) with B >= 1, "
-                f"got {tuple(obs.shape)}"
-            )
-        if obs.is_complex() or obs.dtype == torch.bool:
-            raise ObservationError(f"observation history has dtype {obs.dtype}; real numbers are expected")
-        # Checked as the network sees it: 1e300 is finite in float64 and inf in float32.
-        obs = obs.to(self.device, torch.float32)
-        _check_observation(obs, "observation (as float32)")
-        cond = self.obs_normalizer.normalize(obs)
-        _check_observation(cond, "normalized observation")
+        shape = (None, self.config.n_obs_steps, self.config.obs_dim)
+        raw = check_observation(obs_history, shape, "observation history")  # the check every entry path runs
+        obs = torch.as_tensor(raw).to(self.device, torch.float32)
+        cond = check_observation(self.obs_normalizer.normalize(obs), shape, "normalized observation")
         return cond.reshape(obs.shape[0], -1)
 
     def check_finite(self) -> None:
@@ -244,13 +192,3 @@ class DiffusionPolicy:
         with torch.inference_mode():
             result = solver.solve(self.denoiser, schedule, noise, cond)
         return self.actions(result.sample), result
-
-
-def _check_observation(x: torch.Tensor, what: str) -> None:
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        b, t, d = (int(i) for i in torch.nonzero(bad)[0])
-        raise ObservationError(
-            f"{what} is not finite (NaN or inf) at [batch {b}, step {t}, dim {d}] ({int(bad.sum())} value(s)): raw "
-            "values must be finite and within float32's range (|x| < 3.4e38)"
-        )

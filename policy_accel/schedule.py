@@ -23,6 +23,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from policy_accel.multistep import MULTISTEP_KINDS, build_tables, dynamic_threshold
+from policy_accel.schema import check_fields
 
 SCHEDULE_KINDS = ("ddpm", "ddim", *MULTISTEP_KINDS)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -54,6 +55,7 @@ class ScheduleConfig:
     sample_max_value: float = 1.0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first (a command-line "no" is not false), then ranges
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"unknown schedule kind {self.kind!r}; valid: {', '.join(SCHEDULE_KINDS)}")
         if not 1 <= self.num_inference_steps <= self.num_train_timesteps:

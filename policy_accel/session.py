@@ -48,9 +48,10 @@ import numpy as np
 import torch
 
 from policy_accel.errors import CheckpointError, ObservationError
-from policy_accel.observations import ObservationHistory
+from policy_accel.observations import ObservationHistory, check_observation
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
+from policy_accel.schema import check_mapping
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState, step_noise
 from policy_accel.solvers.sequential import SequentialSolver
 from policy_accel.warm_starts import FalconConfig, FalconState, RTIConfig, falcon_solve, rti_chain
@@ -141,18 +142,18 @@ class Session:
         elif renoise_steps is not None:
             raise ValueError(f"renoise_steps={renoise_steps} is only used with warm_start='renoise'")
         self.rti = self.falcon = None  # the published approximate warm starts' knobs (policy_accel/warm_starts.py)
-        try:
+        if warm_start in ("rti", "falcon"):
+            options = dict(warm_options or {})
+            cls = RTIConfig if warm_start == "rti" else FalconConfig
+            check_mapping(options, cls, f"{warm_start}.", owner=f"warm_start={warm_start!r}")
             if warm_start == "rti":
-                self.rti = RTIConfig(**{**(warm_options or {}), "discrete_dims": tuple((warm_options or {}).get(
-                    "discrete_dims", ()))})  # fmt: skip
+                self.rti = RTIConfig(**options)
                 self.rti.validate(schedule, policy.config.action_dim)
-            elif warm_start == "falcon":
-                self.falcon = FalconConfig(**(warm_options or {}))
+            else:
+                self.falcon = FalconConfig(**options)
                 self.falcon.validate(schedule)
-            elif warm_options:
-                raise ValueError(f"warm_options {warm_options} are only used with warm_start='rti' or 'falcon'")
-        except TypeError as err:
-            raise ValueError(f"bad warm_options for warm_start={warm_start!r}: {err}") from None
+        elif warm_options:
+            raise ValueError(f"warm_options {warm_options} are only used with warm_start='rti' or 'falcon'")
         # Warm paradigms' stopping test compares successive iterates: not reliably exact (0.24 off on Can).
         unreliable_warm_start = warm_start is True and not solver.exact_warm_start
         if unreliable_warm_start:
@@ -193,11 +194,10 @@ class Session:
         """The newest observation (B, obs_dim) in, the action (B, action_dim) to execute now out (LeRobot's
         ``select_action``): the session keeps each row's observation history (DP's start padding) and plans a new
         chunk when the previous chunk's ``n_action_steps`` actions are spent; ``last_plan`` holds its solve."""
-        obs = np.asarray(obs)
-        if obs.ndim != 2 or obs.shape[1] != self.policy.config.obs_dim:
-            raise ObservationError(f"observation must have shape (B, {self.policy.config.obs_dim}), got {obs.shape}")
+        obs_dim = self.policy.config.obs_dim
+        obs = check_observation(obs, (None, obs_dim))
         if not self._histories:
-            self._histories = [ObservationHistory(self.policy.config.n_obs_steps) for _ in range(obs.shape[0])]
+            self._histories = [ObservationHistory(self.policy.config.n_obs_steps, obs_dim) for _ in range(len(obs))]
         elif len(self._histories) != obs.shape[0]:
             raise ObservationError(f"{obs.shape[0]} observations for a session of {len(self._histories)} rows")
         for history, row in zip(self._histories, obs, strict=True):

@@ -37,10 +37,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from pydantic import Strict
 
 from policy_accel.schedule import Schedule
+from policy_accel.schema import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitInterval,
+    check_fields,
+)
 from policy_accel.solvers.base import Budget, Denoiser, Noise, Solver, SolveResult
 
 WARM_START_ALGORITHMS = ("rti", "falcon")
@@ -57,18 +67,20 @@ class RTIConfig:
     """RTI-DP's knobs: ``steps`` = how many of the schedule's last steps run from the guess (DDPM-100 with 3 is
     their [2, 1, 0]); ``discrete_dims`` = action dimensions binarized in the guess to +-1/``discrete_factor``."""
 
-    steps: int = 3
-    discrete_dims: tuple[int, ...] = ()
-    discrete_factor: float = 1.0
+    steps: PositiveInt = 3
+    discrete_dims: Annotated[tuple[NonNegativeInt, ...], Strict(False)] = ()  # a config's list is accepted
+    discrete_factor: PositiveFloat = 1.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "rti.")
+        object.__setattr__(self, "discrete_dims", tuple(self.discrete_dims))
 
     def validate(self, schedule: Schedule, action_dim: int) -> None:
         if not 1 <= self.steps <= schedule.num_steps:
             raise ValueError(f"rti.steps={self.steps} must be in [1, {schedule.num_steps}] (the schedule's last steps)")
-        bad = [d for d in self.discrete_dims if not 0 <= d < action_dim]
+        bad = [d for d in self.discrete_dims if d >= action_dim]
         if bad:
             raise ValueError(f"rti.discrete_dims {bad} are not action dimensions (action_dim={action_dim})")
-        if not self.discrete_factor > 0:
-            raise ValueError(f"rti.discrete_factor={self.discrete_factor} must be > 0")
 
 
 def rti_guess(previous_sample: torch.Tensor, shift: int, config: RTIConfig) -> torch.Tensor:
@@ -97,27 +109,23 @@ class FalconConfig:
     ``min_steps`` (k_min: a candidate must leave at least this many steps to run), ``max_steps`` (candidates leave at
     most this many; None = any level below pure noise), ``buffer`` (entries kept)."""
 
-    threshold: float = 0.1
-    temperature: float = 1.0
-    explore: float = 0.0
-    min_steps: int = 1
-    max_steps: int | None = None
-    buffer: int = 16
+    threshold: PositiveFloat = 0.1
+    temperature: NonNegativeFloat = 1.0
+    explore: UnitInterval = 0.0
+    min_steps: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    buffer: PositiveInt = 16
+
+    def __post_init__(self) -> None:
+        check_fields(self, "falcon.")
 
     def validate(self, schedule: Schedule) -> None:
+        """The ranges that depend on the schedule (types and fixed ranges are checked at construction)."""
         T = schedule.num_steps
-        if not self.threshold > 0:
-            raise ValueError(f"falcon.threshold={self.threshold} must be > 0")
-        if self.temperature < 0:
-            raise ValueError(f"falcon.temperature={self.temperature} must be >= 0")
-        if not 0 <= self.explore <= 1:
-            raise ValueError(f"falcon.explore={self.explore} must be in [0, 1]")
         if not 1 <= self.min_steps <= T - 1:
             raise ValueError(f"falcon.min_steps={self.min_steps} must be in [1, {T - 1}] for a {T}-step schedule")
         if self.max_steps is not None and not self.min_steps <= self.max_steps <= T - 1:
             raise ValueError(f"falcon.max_steps={self.max_steps} must be in [min_steps={self.min_steps}, {T - 1}]")
-        if self.buffer < 1:
-            raise ValueError(f"falcon.buffer={self.buffer} must be >= 1")
 
 
 @dataclass

@@ -60,7 +60,7 @@ def test_budgeted_warm_newton_rollout_reports_unconverged_inferences(tmp_path, r
         ("solver=picard", "Could not find 'solver/picard'"),
         ("task=pushT", "Could not find 'task/pushT'"),
         ("n_episode=1", "n_episode"),
-        ("+solver.options.windw=4", "bad option for solver 'paradigms'"),
+        ("+solver.options.windw=4", "solver.options.windw=4 is not allowed: not an option of solver 'paradigms'"),
         ("checkpoint=/nonexistent/ckpt", "checkpoint directory /nonexistent/ckpt does not exist"),
     ],
 )

@@ -55,7 +55,7 @@ def test_rti_steps_knob_and_discrete_clip(trained_policy):
         ({"steps": 11}, "rti.steps"),
         ({"discrete_dims": [2]}, "not action dimensions"),
         ({"discrete_factor": 0.0}, "discrete_factor"),
-        ({"stepz": 3}, "bad warm_options"),
+        ({"stepz": 3}, "rti.stepz=3 is not allowed: not an option"),
     ],
 )
 def test_bad_rti_options_are_refused(trained_policy, options, match):
@@ -157,7 +157,7 @@ def test_falcon_select_threshold_temperature_and_validity():
         ({"min_steps": 10}, "min_steps"),
         ({"min_steps": 3, "max_steps": 2}, "max_steps"),
         ({"buffer": 0}, "buffer"),
-        ({"thresh": 0.1}, "bad warm_options"),
+        ({"thresh": 0.1}, "falcon.thresh=0.1 is not allowed: not an option"),
     ],
 )
 def test_bad_falcon_options_are_refused(trained_policy, options, match):

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -26,7 +25,8 @@ from policy_accel.errors import ConfigError
 from policy_accel.experiment.outputs import prepare_out_dir, write_json_atomic, write_text_atomic
 from policy_accel.io.checkpoint import load_policy
 from policy_accel.policy import DiffusionPolicy
-from policy_accel.schedule import Schedule
+from policy_accel.schedule import Schedule, ScheduleConfig
+from policy_accel.schema import FieldError, Ge, Gt, Le, MinLen, check_mapping, check_value
 from policy_accel.session import NOISE_POLICIES, TAIL_FILLS, Session
 from policy_accel.solvers import SOLVERS, make_solver
 from policy_accel.solvers.base import Budget, Solver
@@ -52,15 +52,14 @@ def _bad(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
+def _read(cfg: DictConfig, key: str, hint: Any, optional: bool) -> Any:
+    """``key``'s value checked against ``hint`` by the one schema checker (policy_accel/schema.py)."""
+    return check_value(_get(cfg, key), hint | None if optional else hint, key)
+
+
 def cfg_int(cfg: DictConfig, key: str, minimum: int | None = None, optional: bool = False) -> int | None:
     """An integer (not a bool, not a string) >= ``minimum``; ``optional`` allows null."""
-    value = _get(cfg, key)
-    allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if optional else "")
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        raise _bad(key, value, allowed)
-    return value
+    return _read(cfg, key, int if minimum is None else Annotated[int, Ge(minimum)], optional)
 
 
 def cfg_float(
@@ -72,47 +71,23 @@ def cfg_float(
     optional: bool = False,
 ) -> float | None:
     """A finite number in [minimum, maximum] (``strict``: > minimum); ``optional`` allows null."""
-    value = _get(cfg, key)
-    if value is None and optional:
-        return None
-    parts = ["a finite number"]
-    if minimum is not None:
-        parts.append(f"{'>' if strict else '>='} {minimum:g}")
-    if maximum is not None:
-        parts.append(f"<= {maximum:g}")
-    allowed = " ".join(parts) + (" or null" if optional else "")
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if not ok:
-        raise _bad(key, value, allowed)
-    return float(value)
+    bounds = [] if minimum is None else [Gt(minimum) if strict else Ge(minimum)]
+    bounds += [] if maximum is None else [Le(maximum)]
+    value = _read(cfg, key, Annotated[(float, *bounds)] if bounds else float, optional)
+    return None if value is None else float(value)
 
 
 def cfg_bool(cfg: DictConfig, key: str) -> bool:
     """A real boolean: ``"no"``, ``"false"``, 0 or 1 are refused, never guessed."""
-    value = _get(cfg, key)
-    if not isinstance(value, bool):
-        raise _bad(key, value, "true or false")
-    return value
+    return _read(cfg, key, bool, optional=False)
 
 
 def cfg_choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> str:
-    value = _get(cfg, key)
-    if not isinstance(value, str) or value not in choices:
-        raise _bad(key, value, "one of " + ", ".join(choices))
-    return value
+    return _read(cfg, key, Literal[tuple(choices)], optional=False)
 
 
 def cfg_str(cfg: DictConfig, key: str, optional: bool = False) -> str | None:
-    value = _get(cfg, key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise _bad(key, value, "a non-empty string" + (" or null" if optional else ""))
-    return value
+    return _read(cfg, key, Annotated[str, MinLen(1)], optional)
 
 
 def cfg_warm_start(cfg: DictConfig) -> bool | str:
@@ -226,8 +201,8 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
         raise _bad("solver.options", options, "a mapping of solver options")
     try:
         solver = make_solver(solver_name, **options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"solver.options={options!r} is not allowed: {err}") from None
+    except FieldError as err:  # the option as the user spelled it
+        raise err.under("solver.options.") from None
 
     torch.set_num_threads(threads)
     if policy is None:
@@ -237,8 +212,11 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
     overrides = _get(cfg, "policy.schedule") or {}
     if not isinstance(overrides, dict):
         raise _bad("policy.schedule", overrides, "a mapping such as {kind: ddim, num_inference_steps: 10}")
+    check_mapping(overrides, ScheduleConfig, "policy.schedule.", owner="the sampler")
     try:
         schedule = policy.schedule(**overrides)
+    except FieldError as err:
+        raise err.under("policy.schedule.") from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"policy.schedule={overrides!r} is not a usable sampler for {checkpoint}: {err}") from None
     try:

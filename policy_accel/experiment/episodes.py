@@ -119,7 +119,7 @@ def run_episodes(
     for g in range(len(done_seeds), len(seeds), env_batch):
         group = list(seeds[g : g + env_batch])
         envs = [make_env() for _ in group]
-        history = [ObservationHistory(cfg.n_obs_steps) for _ in group]
+        history = [ObservationHistory(cfg.n_obs_steps, cfg.obs_dim) for _ in group]  # checks what each env returns
         for env, seed, h in zip(envs, group, history, strict=True):
             h.push(env.reset(seed=seed)[0])
         session.reset(seed=group[0])

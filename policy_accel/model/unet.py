@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from pydantic import Strict
 from torch import nn
 
 
@@ -22,7 +24,7 @@ class UNetConfig:
     input_dim: int = 2
     global_cond_dim: int = 36
     diffusion_step_embed_dim: int = 128
-    down_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    down_dims: Annotated[list[int], Strict(False)] = field(default_factory=lambda: [64, 128, 256])  # or a tuple
     kernel_size: int = 5
     n_groups: int = 8
     cond_predict_scale: bool = True

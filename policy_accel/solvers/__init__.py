@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from policy_accel.errors import ConfigError
+from policy_accel.schema import check_mapping
 from policy_accel.solvers.base import Solver
 from policy_accel.solvers.newton import NewtonSolver
 from policy_accel.solvers.paradigms import ParadigmsSolver
@@ -17,10 +19,8 @@ SOLVERS: dict[str, type] = {
 
 
 def make_solver(name: str, **options) -> Solver:
-    """Build a solver by name; unknown names and options fail here, naming the bad value."""
+    """Build a solver by name; unknown names and options fail here with a ``ConfigError`` naming the bad value."""
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; valid: {', '.join(sorted(SOLVERS))}")
-    try:
-        return SOLVERS[name](**options)
-    except TypeError as err:
-        raise ValueError(f"bad option for solver {name!r}: {err}") from None
+        raise ConfigError(f"unknown solver {name!r}; valid: {', '.join(sorted(SOLVERS))}")
+    check_mapping(options, SOLVERS[name], owner=f"solver {name!r}", hidden=("name", "exact_warm_start"))
+    return SOLVERS[name](**options)

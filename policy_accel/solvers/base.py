@@ -20,6 +20,7 @@ import torch
 
 from policy_accel.multistep import dynamic_threshold
 from policy_accel.schedule import Schedule
+from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 
 # eps = denoiser(sample (N, H, A), timestep (N,), global_cond (N, C))
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,14 +49,11 @@ class Noise:
 class Budget:
     """Limits on one solve; a solve that reaches one returns its current estimate, flagged."""
 
-    max_iterations: int | None = None
-    time_s: float | None = None
+    max_iterations: PositiveInt | None = None
+    time_s: PositiveFloat | None = None  # NaN or inf would never (or always) stop a solve
 
     def __post_init__(self) -> None:
-        if self.max_iterations is not None and self.max_iterations < 1:
-            raise ValueError(f"max_iterations={self.max_iterations} must be >= 1")
-        if self.time_s is not None and self.time_s <= 0:
-            raise ValueError(f"time_s={self.time_s} must be > 0")
+        check_fields(self)
 
 
 @dataclass

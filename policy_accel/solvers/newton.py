@@ -42,12 +42,14 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch.autograd import forward_ad
 
 from policy_accel.profiling import read_to_host
 from policy_accel.schedule import Schedule
+from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
     Budget,
     Clock,
@@ -348,32 +350,21 @@ class _Workspace:
 
 @dataclass
 class NewtonSolver:
-    jacobian: str = "exact"
-    tolerance: float = 2e-5  # max |y_{j+1} - step_j(y_j) - xi_j| over every step, normalized units
-    step_tolerance: float | None = 1e-4  # exact Jacobians: accept once the estimated remaining error is below this
-    recursion: str = "loop"  # "loop" | "scan": block length of the linear recursion (see BlockRecursion)
-    derivatives: str = "finite_difference"  # | "forward_ad": how Jacobians are computed (see step_jacobians)
-    check_every: int = 1  # read the convergence status from the device every k rounds
-    max_rows: int = 4096  # largest network call of a Jacobian round; more rows are split into calls of this size
+    """Options are declared with their ranges (policy_accel/schema.py) and checked at construction."""
+
+    jacobian: Literal[JACOBIAN_STRATEGIES] = "exact"
+    tolerance: PositiveFloat = 2e-5  # max |y_{j+1} - step_j(y_j) - xi_j| over every step, normalized units
+    step_tolerance: PositiveFloat | None = 1e-4  # exact Jacobians: accept once the estimated remaining error is below
+    recursion: Literal[RECURSIONS] = "loop"  # "loop" | "scan": block length of the linear recursion (BlockRecursion)
+    derivatives: Literal[DERIVATIVES] = "finite_difference"  # | "forward_ad": how Jacobians are computed
+    check_every: PositiveInt = 1  # read the convergence status from the device every k rounds
+    max_rows: PositiveInt = 4096  # largest network call of a Jacobian round; more rows are split into calls
     name: str = "newton"
     exact_warm_start: bool = True
     _workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.jacobian not in JACOBIAN_STRATEGIES:
-            raise ValueError(f"unknown Jacobian strategy {self.jacobian!r}; valid: {', '.join(JACOBIAN_STRATEGIES)}")
-        if not self.tolerance > 0:
-            raise ValueError(f"newton tolerance={self.tolerance} must be > 0")
-        if self.step_tolerance is not None and not self.step_tolerance > 0:
-            raise ValueError(f"newton step_tolerance={self.step_tolerance} must be > 0 (or null to disable)")
-        if self.derivatives not in DERIVATIVES:
-            raise ValueError(f"unknown derivatives {self.derivatives!r}; valid: {', '.join(DERIVATIVES)}")
-        if self.recursion not in RECURSIONS:
-            raise ValueError(f"unknown recursion {self.recursion!r}; valid: {', '.join(RECURSIONS)}")
-        if self.check_every < 1:
-            raise ValueError(f"newton check_every={self.check_every} must be >= 1")
-        if self.max_rows < 1:
-            raise ValueError(f"newton max_rows={self.max_rows} must be >= 1")
+        check_fields(self)
 
     def _workspace(self, schedule: Schedule, noise: Noise) -> _Workspace:
         x = noise.x_T

@@ -23,6 +23,7 @@ import torch
 
 from policy_accel.profiling import read_to_host
 from policy_accel.schedule import Schedule
+from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
     Budget,
     Clock,
@@ -80,21 +81,18 @@ class _Workspace:
 
 @dataclass
 class ParadigmsSolver:
-    window: int = 16
-    tolerance: float = 0.01  # ParaDiGMS uses 0.1; measured here it let one of 30 PushT solves end 0.53 off
-    check_every: int = 1  # read the convergence status from the device every k rounds
+    """Options are declared with their ranges (policy_accel/schema.py) and checked at construction."""
+
+    window: PositiveInt = 16
+    tolerance: PositiveFloat = 0.01  # ParaDiGMS uses 0.1; measured here it let one of 30 PushT solves end 0.53 off
+    check_every: PositiveInt = 1  # read the convergence status from the device every k rounds
     name: str = "paradigms"
     # Its stopping test compares successive iterates, which a good initial guess passes early (0.24 off on Can).
     exact_warm_start: bool = False
     _workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError(f"paradigms window={self.window} must be >= 1")
-        if not self.tolerance > 0:
-            raise ValueError(f"paradigms tolerance={self.tolerance} must be > 0")
-        if self.check_every < 1:
-            raise ValueError(f"paradigms check_every={self.check_every} must be >= 1")
+        check_fields(self)
 
     def _workspace(self, schedule: Schedule, noise: Noise) -> _Workspace:
         x = noise.x_T

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from policy_accel.schedule import Schedule
+from policy_accel.schema import NonNegativeFloat, PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
     Budget,
     Clock,
@@ -42,26 +43,19 @@ from policy_accel.solvers.base import (
 
 @dataclass
 class ParaTAASolver:
-    window: int = 100
-    order: int = 50
-    history: int = 3
-    ridge: float = 1e-3
-    tol_abs: float = 1e-4
-    tol_rel: float = 1e-4
+    """Options are declared with their ranges (policy_accel/schema.py) and checked at construction."""
+
+    window: PositiveInt = 100
+    order: PositiveInt = 50
+    history: PositiveInt = 3
+    ridge: PositiveFloat = 1e-3
+    tol_abs: PositiveFloat = 1e-4
+    tol_rel: NonNegativeFloat = 1e-4
     name: str = "parataa"
     exact_warm_start: bool = True
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError(f"parataa window={self.window} must be >= 1")
-        if self.order < 1:
-            raise ValueError(f"parataa order={self.order} must be >= 1")
-        if self.history < 1:
-            raise ValueError(f"parataa history={self.history} must be >= 1")
-        if not self.ridge > 0:
-            raise ValueError(f"parataa ridge={self.ridge} must be > 0")
-        if not (self.tol_abs > 0 and self.tol_rel >= 0):
-            raise ValueError(f"parataa tolerances tol_abs={self.tol_abs} (> 0), tol_rel={self.tol_rel} (>= 0)")
+        check_fields(self)
 
     def solve(
         self,
