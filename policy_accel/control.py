@@ -60,11 +60,19 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
-from policy_accel.observations import ObservationHistory
+from policy_accel.errors import ConfigError, ObservationError
+from policy_accel.observations import ObservationHistory, check_observation
+from policy_accel.schema import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_value,
+)
 
 if TYPE_CHECKING:  # the controller itself needs neither torch nor the policy
     from policy_accel.session import Session
@@ -253,8 +261,35 @@ class _Queued:
     index: int
 
 
+# The constructor's schema (policy_accel/schema.py): a NaN lead or a string period fails here, not ticks later.
+_ARGUMENTS = {
+    "planner": Callable,
+    "dt": PositiveFloat,
+    "n_obs_steps": PositiveInt,
+    "fallback": Literal[FALLBACKS],
+    "hold_action": Callable | None,
+    "act_latency_s": NonNegativeFloat,
+    "action_offset": NonNegativeInt,
+    "chunk_steps": PositiveInt | None,
+    "lead_s": NonNegativeFloat | None,
+    "latency_guess_s": NonNegativeFloat | None,
+    "latency_safety": PositiveFloat,
+    "latency_window": PositiveInt,
+    "deadline_margin_s": NonNegativeFloat | None,
+    "min_budget_s": PositiveFloat | None,  # a solve's time budget (Budget.time_s > 0)
+    "on_inference": Callable | None,
+    "stop_timeout_s": PositiveFloat,
+    "obs_dim": PositiveInt | None,
+}
+FUTURE_TICKS = 100  # act(t) for a tick further ahead of the clock than this many periods is a clock mix-up
+
+
 class RealTimeController:
-    """Fixed-rate control around a background planner; see the module docstring for the timing rules."""
+    """Fixed-rate control around a background planner; see the module docstring for the timing rules.
+
+    ``obs_dim`` (optional) is the observation size every ``observe`` is checked against; without it, the first
+    observation of an episode sets the shape.
+    """
 
     def __init__(
         self,
@@ -276,15 +311,11 @@ class RealTimeController:
         min_budget_s: float | None = None,
         on_inference: Callable[[InferenceInfo], None] | None = None,
         stop_timeout_s: float = 60.0,
+        obs_dim: int | None = None,
     ):
-        if fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {fallback!r}; valid: {', '.join(FALLBACKS)}")
-        if not dt > 0:
-            raise ValueError(f"dt={dt} must be > 0")
-        if n_obs_steps < 1:
-            raise ValueError(f"n_obs_steps={n_obs_steps} must be >= 1")
-        if act_latency_s < 0 or (lead_s is not None and lead_s < 0):
-            raise ValueError("act_latency_s and lead_s must be >= 0")
+        arguments = locals()
+        for name, hint in _ARGUMENTS.items():  # each one line naming the argument, before anything starts
+            check_value(arguments[name], hint, name)
         self.planner = planner
         self.dt = float(dt)
         self.n_obs_steps = n_obs_steps
@@ -293,8 +324,6 @@ class RealTimeController:
         self.hold_action = hold_action
         self.act_latency_s = float(act_latency_s)
         self.action_offset = action_offset
-        if chunk_steps is not None and chunk_steps < 1:
-            raise ValueError(f"chunk_steps={chunk_steps} must be >= 1")
         self.chunk_steps = chunk_steps
         self.lead_s = lead_s
         self.latency_guess_s = self.dt if latency_guess_s is None else float(latency_guess_s)
@@ -320,7 +349,7 @@ class RealTimeController:
         self._epoch = 0
         self._pending_reset: tuple | None = None
         self._chunks = 0
-        self._history = ObservationHistory(n_obs_steps)
+        self._history = ObservationHistory(n_obs_steps, obs_dim)  # checks every observation (dtype, shape, finite)
         self._obs_time: float | None = None
         self._obs_seq = 0
         self._launched_seq = -1
@@ -395,6 +424,8 @@ class RealTimeController:
         ``t0 = now + act_latency_s``, and the loop's first ``act(t0)`` is due right away.
         """
         self._require_running()
+        obs_dim = self._history.obs_dim
+        obs = check_observation(obs, None if obs_dim is None else (obs_dim,))  # refused before anything is reset
         self.reset(seed)
         if not self.wait_for_inference(timeout):
             raise TimeoutError("the previous inference did not finish in time")
@@ -410,17 +441,28 @@ class RealTimeController:
 
     # -- the loop's calls ------------------------------------------------------------------------
     def observe(self, obs: np.ndarray, t: float) -> None:
-        """A new observation taken at time ``t`` (may arrive later than ``t``); may start an inference."""
+        """A new observation taken at time ``t`` (may arrive later than ``t``); may start an inference.
+
+        Times must be finite and non-decreasing within an episode: an observation older than the previous one
+        would be planned from as if it were new (use ``reset``/``start_episode`` when the clock really restarts).
+        """
         self._require_running()
+        t = _finite_time(t, "observe", ObservationError)
+        if self._obs_time is not None and t < self._obs_time:
+            raise ObservationError(
+                f"observe(t={t:g}): the observation is taken before the previous one (t={self._obs_time:g}); "
+                "observation times must not go backwards (call reset() or start_episode() when the clock restarts)"
+            )
+        obs = self._history.check(obs)
         self._poll()
-        self._append_obs(obs, float(t))
+        self._append_obs(obs, t)
         self._maybe_launch()
 
     def act(self, t: float) -> ControlAction:
         """The action for the tick at ``t``: the queued chunk action, or the fallback (a miss)."""
         self._require_running()
+        t = self._check_tick(_finite_time(t, "act", ConfigError))
         self._poll()
-        t = float(t)
         half = 0.5 * self.dt
         while self._queue and self._queue[0].t < t - half:
             self._queue.popleft()
@@ -461,6 +503,23 @@ class RealTimeController:
         return base * self.latency_safety
 
     # -- internals -------------------------------------------------------------------------------
+    def _check_tick(self, t: float) -> float:
+        """Refuse a tick that cannot be right: before the last one served, or far ahead of the controller's clock."""
+        if self._last_t is not None and t < self._last_t:
+            raise ConfigError(
+                f"act(t={t:g}): the tick is before the last tick served (t={self._last_t:g}); tick times must not "
+                "go backwards"
+            )
+        now = self.clock.now()
+        if t > now + self.act_latency_s + FUTURE_TICKS * self.dt:
+            raise ConfigError(
+                f"act(t={t:g}): the tick is {t - now:g} s ahead of the controller's clock (now={now:g}), more than "
+                f"{FUTURE_TICKS} periods: pass tick times from the clock the controller was given (clock=...)"
+            )
+        if not self._history and self._last_action is None:
+            raise RuntimeError("no observation yet: call start_episode (or observe) before the first act")
+        return t
+
     def _require_running(self) -> None:
         self._raise_if_failed()
         if not self.running:
@@ -474,8 +533,7 @@ class RealTimeController:
             raise InferenceError(f"inference worker failed: {error!r}", tb) from error
 
     def _append_obs(self, obs: np.ndarray, t: float) -> None:
-        obs = np.array(obs, dtype=np.float64, copy=True)
-        self._history.push(obs)
+        self._history.push(np.array(obs, dtype=np.float64, copy=True))
         self._obs_time = t
         self._obs_seq += 1
 
@@ -624,7 +682,19 @@ class RealTimeController:
             return ControlAction(np.asarray(self.hold_action(self._history.latest)), t, "hold")
         if self._last_action is not None:
             return ControlAction(self._last_action, t, "hold")
-        raise RuntimeError("no action to hold: pass hold_action, or call start_episode before the first act")
+        raise RuntimeError(
+            f"act(t={t:g}): no queued action is meant for this tick and no action has been served yet to hold: pass "
+            "hold_action to the controller, or let the first chunk arrive (start_episode plans it before returning)"
+        )
+
+
+def _finite_time(t: object, call: str, error: type[Exception]) -> float:
+    """A time argument as a float: a real number (not a bool or a string), finite."""
+    if isinstance(t, bool) or not isinstance(t, int | float | np.integer | np.floating):
+        raise error(f"{call}(t={t!r}): t must be a number, the time in seconds on the controller's clock")
+    if not np.isfinite(t):
+        raise error(f"{call}(t={t!r}): t must be finite, the time in seconds on the controller's clock")
+    return float(t)
 
 
 def _as_plan(out: PlannedChunk | np.ndarray) -> PlannedChunk:

@@ -63,4 +63,5 @@ def build_controller(
         latency_safety=cfg.latency_safety,
         deadline_margin_s=cfg.deadline_margin_ms / 1e3,
         on_inference=on_inference,
+        obs_dim=cfg.task.obs_dim,  # every observation is checked against the task's size
     )
