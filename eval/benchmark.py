@@ -36,7 +36,9 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from policy_accel.errors import ConfigError, report_user_errors
 from policy_accel.experiment.build import run_id
@@ -44,10 +46,25 @@ from policy_accel.experiment.configurations import build_configuration, check_na
 from policy_accel.experiment.outputs import claim_out_dir, write_json_atomic
 from policy_accel.experiment.results import load_results, read_results, write_report
 from policy_accel.experiment.results_schema import SCHEMA_VERSION
+from policy_accel.schema import NonNegativeInt, PositiveInt, check_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("benchmark")
+# This tool's own options (configs/benchmark.yaml), checked before any job; each configuration by build_session.
+OPTIONS = {
+    "n_episodes": PositiveInt,
+    "start_seed": NonNegativeInt,
+    "latency_episodes": PositiveInt,
+    "score_env_batch": PositiveInt,
+    "score_threads": PositiveInt,
+    "threads": PositiveInt,
+    "passes": list[str],
+    "only": list[str] | None,
+    "score_launcher": list[str],
+    "latency_launcher": list[str],
+    "out_dir": str,
+}
 
 
 def _load(path: Path) -> dict | None:
@@ -161,8 +178,12 @@ def run_sweep(cfg: DictConfig) -> None:
 def main() -> None:
     """Hydra-style overrides on the command line (configs/benchmark.yaml)."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        cfg = compose("benchmark", overrides=sys.argv[1:])
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+            cfg = compose("benchmark", overrides=sys.argv[1:])
+    except (HydraException, OmegaConfBaseException) as err:  # an unknown key or a bad override: Hydra's message
+        raise ConfigError(str(err).replace("\n", " ")) from None
+    check_options(cfg, OPTIONS)  # before the claim and any job
     with claim_out_dir(cfg.out_dir, run_id(cfg)):  # held for the whole sweep: a concurrent one is refused
         run_sweep(cfg)
 

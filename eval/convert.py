@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from policy_accel.errors import EXIT_USER_ERROR, UserError
+from policy_accel.errors import EXIT_USER_ERROR, ConfigError, UserError
 from policy_accel.io.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -39,6 +39,10 @@ def convert(
         raise CheckpointError(f"destination {dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise CheckpointError(f"destination {dst} is not empty; pass --force to overwrite its checkpoint files")
+    try:  # before reading the source: an unwritable destination fails at once, naming it
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"destination {dst} cannot be written: {err.strerror or err}") from None
     loaded = read_checkpoint(src, trust_pickle=trust_pickle)
     extra = {"converted_from": {**loaded.info, "format": loaded.format, "source": str(src)}}
     if loaded.format == "policy_accel" and loaded.info.get("extra"):

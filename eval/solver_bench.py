@@ -30,15 +30,27 @@ from policy_accel.errors import ConfigError, report_user_errors
 from policy_accel.experiment.build import SessionSetup
 from policy_accel.experiment.configurations import build_configuration, check_names
 from policy_accel.experiment.outputs import prepare_out_dir, write_json_atomic
+from policy_accel.schema import NonNegativeInt, PositiveInt, check_options
 from policy_accel.solvers.sequential import SequentialSolver
 
 log = logging.getLogger("solver_bench")
 BASELINE = "sequential"
+# This tool's own options (configs/solver_bench.yaml); the sampler, task and checkpoint are checked by build_session.
+OPTIONS = {
+    "n_obs": PositiveInt,
+    "seed": NonNegativeInt,
+    "threads": PositiveInt,
+    "repeats": PositiveInt,
+    "configurations": list[str],
+    "out_dir": str,
+}
 
 
 def dataset_observations(task: DictConfig, n: int, seed: int) -> np.ndarray:
     """``n`` observation histories (n, n_obs_steps, obs_dim) from random windows of the dataset."""
     dataset = build_dataset(task, max_episodes=None)[0]
+    if n > len(dataset):
+        raise ConfigError(f"n_obs={n} is not allowed: expected at most {len(dataset)} (the dataset's windows)")
     rows = np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)
     return dataset.batch(rows)[0].numpy()
 
@@ -73,6 +85,8 @@ def build_sessions(cfg: DictConfig) -> dict[str, tuple[dict, SessionSetup]]:
 
 @torch.inference_mode()
 def bench(cfg: DictConfig) -> dict:
+    check_options(cfg, OPTIONS)
+    out_dir = prepare_out_dir(cfg.out_dir)  # before the work: an unwritable out_dir fails in a second
     torch.set_num_threads(cfg.threads)
     setups = build_sessions(cfg)
     if not setups:
@@ -129,7 +143,6 @@ def bench(cfg: DictConfig) -> dict:
         "torch": torch.__version__,
         "solvers": summary,
     }
-    out_dir = prepare_out_dir(cfg.out_dir)
     write_json_atomic(out_dir / "solver_bench.json", results)
     print(f"\n{cfg.policy.name}, batch 1, {cfg.n_obs} observations, {cfg.threads} threads")
     print("| configuration | iterations mean | p95 | nfe mean | p50 ms | p95 ms | speed-up | max abs dev | converged |")
