@@ -42,7 +42,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from policy_accel.errors import CheckpointError, ObservationError
 from policy_accel.observations import ObservationHistory, check_observation
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
-from policy_accel.schema import check_mapping
+from policy_accel.schema import PositiveInt, check_mapping, check_value
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState, step_noise
 from policy_accel.solvers.sequential import SequentialSolver
 from policy_accel.warm_starts import FalconConfig, FalconState, RTIConfig, falcon_solve, rti_chain
@@ -60,6 +60,16 @@ NOISE_POLICIES = ("fresh", "coupled")
 TAIL_FILLS = ("repeat", "chain")
 # off | exact (same answer, cheaper) | approximate: re-noise + last k steps, RTI-DP, Falcon (warm_starts.py)
 WARM_STARTS = (False, True, "renoise", "rti", "falcon")
+# The constructor's schema (policy_accel/schema.py): check_exactness="no" would read as true, seed=1.5 fail in torch.
+_ARGUMENTS = {
+    "noise": Literal[NOISE_POLICIES],
+    "budget": Budget | None,
+    "seed": int,
+    "check_exactness": bool,
+    "renoise_steps": PositiveInt | None,
+    "tail_fill": Literal[TAIL_FILLS],
+    "warm_options": dict | None,
+}
 log = logging.getLogger(__name__)
 OBSERVATION_RANGE = 1e3  # normalized units; beyond this a non-finite network output is blamed on the observation
 
@@ -125,10 +135,9 @@ class Session:
         tail_fill: str = "repeat",
         warm_options: dict | None = None,
     ):
-        if noise not in NOISE_POLICIES:
-            raise ValueError(f"unknown noise policy {noise!r}; valid: {', '.join(NOISE_POLICIES)}")
-        if tail_fill not in TAIL_FILLS:
-            raise ValueError(f"unknown tail_fill {tail_fill!r}; valid: {', '.join(TAIL_FILLS)}")
+        arguments = locals()
+        for name, hint in _ARGUMENTS.items():  # each one line naming the argument
+            check_value(arguments[name], hint, name)
         if not any(warm_start is w or (isinstance(w, str) and warm_start == w) for w in WARM_STARTS):
             raise ValueError(
                 f"unknown warm_start {warm_start!r}; valid: false, true (exact), renoise, rti, falcon (approximate)"

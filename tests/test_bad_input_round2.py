@@ -332,3 +332,32 @@ def test_hydra_run_dir_under_a_file_is_one_line(tmp_path):
     blocker.write_text("")
     run = run_script("solver_bench.py", "n_obs=1", f"hydra.run.dir={blocker / 'run'}")
     assert "hydra.run.dir" in one_error_line(run)
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"check_exactness": "no"}, "check_exactness"),
+        ({"seed": 1.5}, "seed"),
+        ({"budget": 5}, "budget"),
+        ({"noise": "same"}, "noise"),
+        ({"tail_fill": "zero"}, "tail_fill"),
+        ({"warm_options": [1]}, "warm_options"),
+    ],
+)
+def test_session_arguments_are_checked_naming_the_argument(kwargs, key, pusht_policy):
+    from policy_accel.session import Session
+    from policy_accel.solvers import make_solver
+
+    schedule = pusht_policy.schedule(kind="ddim", num_inference_steps=1)
+    with pytest.raises(ConfigError) as err:
+        Session(pusht_policy, make_solver("sequential"), schedule, **kwargs)
+    assert str(err.value).startswith(f"{key}="), str(err.value)
+
+
+def test_episode_loop_checks_its_batch_size(small_session):
+    from policy_accel.experiment.episodes import run_episodes
+
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match=rf"env_batch={bad!r} is not allowed"):
+            run_episodes(object, small_session, [0], env_batch=bad, progress=False)

@@ -122,13 +122,13 @@ def test_chain_tail_fill_keeps_warm_starts_exact(trained_policy):
         cond = trained_policy.condition(obs + 1.0)
         reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, session._previous[1], cond)
     assert second.converged and (second.sample - reference.sample).abs().max() <= 1e-3
-    with pytest.raises(ValueError, match="unknown tail_fill 'extrapolate'"):
+    with pytest.raises(ValueError, match="tail_fill='extrapolate' is not allowed: expected one of repeat, chain"):
         Session(trained_policy, make_solver("newton"), schedule, True, tail_fill="extrapolate")
 
 
 def test_unknown_noise_policy_is_rejected(trained_policy):
     schedule = Schedule(ScheduleConfig(kind="ddim", num_inference_steps=4))
-    with pytest.raises(ValueError, match="unknown noise policy 'same'"):
+    with pytest.raises(ValueError, match="noise='same' is not allowed: expected one of fresh, coupled"):
         Session(trained_policy, make_solver("sequential"), schedule, noise="same")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from policy_accel.observations import ObservationHistory
+from policy_accel.schema import PositiveInt, check_value
 from policy_accel.session import InferenceRecord, Session
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,7 @@ def run_episodes(
     of the same seeds (whole groups, a prefix of ``seeds``), which are not run again; ``on_group`` is called with
     everything finished so far after every group, so a caller can keep it on disk.
     """
-    if env_batch < 1:
-        raise ValueError(f"env_batch={env_batch} must be >= 1")
+    check_value(env_batch, PositiveInt, "env_batch")
     cfg = session.policy.config
     episodes: list[EpisodeResult] = list(finished.episodes) if finished else []
     records: list[InferenceRecord] = list(finished.records) if finished else []
