@@ -46,6 +46,7 @@ from policy_accel.experiment.configurations import build_configuration, check_na
 from policy_accel.experiment.outputs import claim_out_dir, write_json_atomic
 from policy_accel.experiment.results import load_results, read_results, write_report
 from policy_accel.experiment.results_schema import SCHEMA_VERSION
+from policy_accel.model.engine import resolve_engine
 from policy_accel.schema import NonNegativeInt, PositiveInt, check_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +73,19 @@ def _load(path: Path) -> dict | None:
     return read_results(path) if path.is_file() else None
 
 
-def job_overrides(cfg: DictConfig, seeds: list[int], env_batch: int, threads: int) -> list[str]:
-    """The overrides every rollout job of a pass gets on top of its configuration."""
+def job_overrides(
+    cfg: DictConfig, seeds: list[int], env_batch: int, threads: int, engine: str | None = None
+) -> list[str]:
+    """The overrides every rollout job of a pass gets on top of its configuration (``engine``: instead of the
+    sweep's, e.g. to check a configuration without compiling its network)."""
     return [
         f"task={cfg.task.name}",
         f"seeds=[{','.join(map(str, seeds))}]",
         f"env_batch={env_batch}",
         f"threads={threads}",
+        f"engine={engine or cfg.engine}",
+        f"engine_precision={cfg.engine_precision}",
+        f"engine_fuse={str(cfg.engine_fuse).lower()}",
         "skip_existing=true",
     ]
 
@@ -86,9 +93,10 @@ def job_overrides(cfg: DictConfig, seeds: list[int], env_batch: int, threads: in
 def check_configurations(cfg: DictConfig, names: list[str], passes: list[tuple]) -> None:
     """Build every configuration's setup as each pass's jobs will (``build_session``) before the first job starts:
     a bad option or checkpoint fails here, in seconds, with its name, not in every job of a pass."""
+    resolve_engine(cfg.engine, "cpu")  # once: the jobs' engine is the same for every configuration
     for name in names:
         for _, seeds, env_batch, threads, _ in passes:
-            build_configuration(name, job_overrides(cfg, seeds, env_batch, threads))
+            build_configuration(name, job_overrides(cfg, seeds, env_batch, threads, engine="torch"))
 
 
 def multirun(
@@ -123,6 +131,11 @@ def merge(score: dict, latency: dict) -> dict:
     merged["latency_threads"] = latency.get("threads")
     if latency.get("hardware") is not None:
         merged["hardware"] = latency["hardware"]
+    # ... and so is the engine that served the network; the score pass's is kept beside it (scores are the same
+    # within noise on any exact engine: that is what the paired score passes check)
+    merged["engine"] = latency.get("engine", {"name": "torch", "precision": "f32"})
+    merged["engine_info"] = latency.get("engine_info")
+    merged["score_engine"] = score.get("engine", {"name": "torch", "precision": "f32"})
     return merged
 
 

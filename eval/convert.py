@@ -53,7 +53,7 @@ def convert(
         for name in (CONFIG_FILE, "model.safetensors"):
             (dst / name).unlink(missing_ok=True)
     save_policy(loaded.policy, dst, extra=extra, weights_dtype=dtype)
-    _verify(loaded.policy, load_policy(dst), exact=not fp16, dst=dst)
+    _verify(loaded.policy, load_policy(dst, engine="torch"), exact=not fp16, dst=dst)
     config = loaded.policy.config
     sched = config.schedule
     return {

@@ -195,6 +195,7 @@ def summarize(
         "approximate": setup.session.approximate or any(not i.converged for i in bounded),
         "noise": cfg.solver.noise,
         "threads": cfg.threads,
+        "engine": setup.policy.engine.to_dict(),
         "rate_hz": cfg.rate_hz,
         "obs_delay_ms": cfg.obs_delay_ms,
         "act_delay_ms": cfg.act_delay_ms,

@@ -55,6 +55,7 @@ LEGACY_DEFAULTS = {
     "budget": {"max_iterations": None, "time_ms": None},
     "check_exactness": False,
     "device": "cpu",
+    "engine": {"name": "torch", "precision": "f32"},  # runs before engines existed were eager PyTorch
 }
 LEGACY_OVERRIDE_KEYS = ("budget.", "check_exactness", "policy.schedule", "task.max_episode_steps", "+policy.schedule")
 
@@ -99,6 +100,7 @@ def run_identity(cfg: DictConfig, setup: SessionSetup, env_batch: int) -> dict:
         "env_batch": env_batch,
         "threads": setup.threads,
         "device": setup.device,
+        "engine": {"name": setup.policy.engine.name, "precision": setup.policy.engine.precision},
         "seeds": setup.seeds,
     }
 
@@ -236,6 +238,7 @@ def run_claimed(
         **identity,
         # an inference stopped by its budget returned an estimate, not the sampler's output
         "approximate": session.approximate or summary["unconverged_inferences"] > 0,
+        "engine_info": setup.policy.engine.to_dict(),
         "hardware": hardware(torch.device(setup.device), setup.threads),
         "overrides": overrides,
         "experiment": experiment,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from policy_accel.model.engine import EngineInfo, compile_denoiser, resolve_engine
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.observations import check_observation
@@ -102,7 +105,8 @@ class DiffusionPolicy:
             )
         self.config = config
         self.model = model.eval()
-        self._forward = self.model  # what `denoiser` runs: the module, or its CUDA graphs
+        self._forward = self.model  # what `denoiser` runs: the module, or its compiled engine (use_engine)
+        self.engine = EngineInfo("torch", torch.__version__, "f32", torch.get_num_threads())
         self.obs_normalizer = obs_normalizer
         self.action_normalizer = action_normalizer
         self.check_finite()
@@ -120,14 +124,33 @@ class DiffusionPolicy:
         self.model.to(device)
         self.obs_normalizer.to(device)
         self.action_normalizer.to(device)
-        self._forward = self.model  # captured graphs belong to the old device
+        self._forward = self.model  # a compiled engine belongs to the old device
+        self.engine = EngineInfo("torch", torch.__version__, "f32", torch.get_num_threads())
         return self
 
-    def use_cuda_graphs(self) -> DiffusionPolicy:
-        """Replay the denoiser from CUDA graphs (one per padded batch size; see policy_accel.model.graphs)."""
-        from policy_accel.model.graphs import GraphedDenoiser
-
-        self._forward = GraphedDenoiser(self.model)
+    def use_engine(
+        self,
+        engine: str = "auto",
+        threads: int | None = None,
+        precision: str = "f32",
+        cache_dir: Path | None = None,
+        fuse_chains: bool = False,
+    ) -> DiffusionPolicy:
+        """Serve the denoiser from ``engine`` (``auto``: the fastest exact one for this device; see
+        :mod:`policy_accel.model.engine`). The engine holds a copy of the weights as they are now: call it again
+        after changing them. ``precision="bf16"`` (OpenVINO) is approximate and labelled so in ``self.engine``;
+        ``fuse_chains`` (OpenVINO) runs short sequential chains as one program each (exact)."""
+        name = resolve_engine(engine, self.device)
+        self._forward, self.engine = compile_denoiser(
+            self.model,
+            name,
+            sample_shape=self.chunk_shape,
+            cond_dim=self.config.unet.global_cond_dim,
+            threads=threads,
+            precision=precision,
+            cache_dir=cache_dir,
+            fuse_chains=fuse_chains,
+        )
         return self
 
     @property
@@ -138,8 +161,11 @@ class DiffusionPolicy:
         """The training schedule, or a sampler variant of it (e.g. ``kind="ddim", num_inference_steps=10``)."""
         return Schedule(replace(self.config.schedule, **overrides), self.device)
 
-    def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
-        return self._forward(sample, timestep, global_cond)
+    @property
+    def denoiser(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``denoiser(sample, timestep, global_cond) -> eps``: the module, or the engine serving it (which may also
+        offer whole compiled chains to the sequential solver)."""
+        return self._forward
 
     def condition(self, obs_history: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, n_obs_steps, obs_dim) raw observations -> (B, n_obs_steps * obs_dim) normalized condition."""

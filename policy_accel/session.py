@@ -53,7 +53,7 @@ from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
 from policy_accel.schema import PositiveInt, check_mapping, check_value
 from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState, step_noise
-from policy_accel.solvers.sequential import SequentialSolver
+from policy_accel.solvers.sequential import SequentialSolver, fused_chain
 from policy_accel.warm_starts import FalconConfig, FalconState, RTIConfig, falcon_solve, rti_chain
 
 NOISE_POLICIES = ("fresh", "coupled")
@@ -182,9 +182,12 @@ class Session:
         self.renoise_steps = renoise_steps
         self.renoise = warm_start == "renoise"
         # True when the session's chunks are not (reliably) the sampler's output for their noise: labelled in every
-        # report and kept out of exact fronts.
-        self.approximate = self.renoise or unreliable_warm_start or warm_start in ("rti", "falcon")
+        # report and kept out of exact fronts. A reduced-precision engine (bf16) is such an approximation too.
+        self.approximate = (
+            self.renoise or unreliable_warm_start or warm_start in ("rti", "falcon") or policy.engine.approximate
+        )
         self._tail = schedule.tail(renoise_steps) if self.renoise else None
+        self.prepare()
         self.budget = budget
         self.generator = torch.Generator().manual_seed(seed)
         self.reset()
@@ -272,6 +275,15 @@ class Session:
             f"solver {self.solver.name!r} returned non-finite actions ({result.stop_reason}) from a finite observation "
             "and finite weights: the network or the solver diverged"
         )
+
+    def prepare(self) -> None:
+        """Compile what the policy's engine can run as one program for this session (the sequential chains of its
+        sampler and re-noise tail): now, before a control loop, never inside its first inference. Call it again
+        after changing the policy's engine."""
+        if self.solver.name == "sequential":
+            for chain in (self.schedule, self._tail):
+                if chain is not None:
+                    fused_chain(self.policy.denoiser, chain, compile=True)
 
     @torch.inference_mode()
     def plan(self, obs_history: np.ndarray, budget: Budget | None = None) -> Plan:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from policy_accel.errors import ConfigError
 from policy_accel.experiment.outputs import prepare_out_dir, write_json_atomic, write_text_atomic
 from policy_accel.io.checkpoint import load_policy
+from policy_accel.model.engine import ENGINES, PRECISIONS, resolve_engine
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.schema import FieldError, Ge, Gt, Le, MinLen, check_mapping, check_value
@@ -196,6 +197,10 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
     trust_pickle = cfg_bool(cfg, "trust_pickle") if "trust_pickle" in cfg else False
     checkpoint = cfg_str(cfg, "checkpoint")
     budget = cfg_budget(cfg)
+    engine = cfg_choice(cfg, "engine", ENGINES) if "engine" in cfg else "auto"
+    engine_precision = cfg_choice(cfg, "engine_precision", PRECISIONS) if "engine_precision" in cfg else "f32"
+    engine_fuse = cfg_bool(cfg, "engine_fuse") if "engine_fuse" in cfg else False
+    resolve_engine(engine, device)  # refused before the checkpoint is read
     options = _get(cfg, "solver.options") or {}
     if not isinstance(options, dict):
         raise _bad("solver.options", options, "a mapping of solver options")
@@ -206,7 +211,8 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
 
     torch.set_num_threads(threads)
     if policy is None:
-        policy = load_policy(checkpoint, device=device, trust_pickle=trust_pickle)
+        policy = load_policy(checkpoint, device=device, trust_pickle=trust_pickle, engine="torch")
+        policy.use_engine(engine, threads, engine_precision, fuse_chains=engine_fuse)
     if check_task:
         check_task_dims(policy, cfg.task, checkpoint)
     overrides = _get(cfg, "policy.schedule") or {}
