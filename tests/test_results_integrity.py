@@ -22,7 +22,8 @@ import pytest
 from policy_accel.errors import EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["threads=1", "solver=sequential", "policy=ddim2", "task.max_episode_steps=16"]
+# engine=torch: these tests are about output directories, not engines (no network compiled, nothing on stderr)
+FAST = ["threads=1", "engine=torch", "solver=sequential", "policy=ddim2", "task.max_episode_steps=16"]
 EXIT_INTERRUPTED = 130
 
 
@@ -67,7 +68,7 @@ def test_two_runs_with_other_seeds_started_at_once_into_one_out_dir_one_refuses_
     """The issue's case: both used to exit 0 and print "results written", and the file held one run's seeds."""
     out = tmp_path / "out"
     seeds = {"a": "seeds=[100000,100001,100002,100003,100004,100005]", "b": "seeds=[100010,100011,100012,100013]"}
-    procs = {k: _popen("rollout.py", *FAST[:3], s, f"out_dir={out}", f"hydra.run.dir={tmp_path / k}")
+    procs = {k: _popen("rollout.py", *FAST[:4], s, f"out_dir={out}", f"hydra.run.dir={tmp_path / k}")
              for k, s in seeds.items()}  # fmt: skip
     runs = {k: _finish(p) for k, p in procs.items()}
     ok = [k for k, r in runs.items() if r.returncode == 0]
@@ -84,7 +85,7 @@ def test_two_runs_with_other_seeds_started_at_once_into_one_out_dir_one_refuses_
 
 def test_the_same_configuration_started_twice_is_refused_while_the_first_runs(tmp_path):
     out = tmp_path / "out"
-    args = [*FAST[:3], "n_episodes=200", f"out_dir={out}"]
+    args = [*FAST[:4], "n_episodes=200", f"out_dir={out}"]
     first = _popen("rollout.py", *args, f"hydra.run.dir={tmp_path / 'h1'}")
     try:
         _wait_for(lambda: (out / "episodes.partial.json").exists(), first)  # the first run is mid-episodes
@@ -187,7 +188,7 @@ def _umask() -> int:
 def test_ctrl_c_during_a_real_time_run_keeps_finished_episodes_and_the_same_command_resumes(tmp_path):
     seeds = list(range(100000, 100008))
     out = tmp_path / "out"
-    args = [*FAST[:3], f"seeds=[{','.join(map(str, seeds))}]", "max_steps=16", "rate_hz=50", "offline_results=null",
+    args = [*FAST[:4], f"seeds=[{','.join(map(str, seeds))}]", "max_steps=16", "rate_hz=50", "offline_results=null",
             f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]  # fmt: skip
     proc = _popen("realtime.py", *args)
     log = tmp_path / "hydra" / "realtime.log"
