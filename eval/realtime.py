@@ -298,6 +298,7 @@ class Progress:
 
 
 def progress_to_dict(this_run: str, progress: Progress) -> dict:
+    """``episodes.partial.json``: everything :func:`summarize` needs of the kept episodes, and whose they are."""
     return {
         "run_id": this_run,
         "episodes": [asdict(e) for e in progress.episodes],
