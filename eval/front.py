@@ -218,6 +218,7 @@ def front(rows: list[dict], budgets: tuple[float, ...] = BUDGETS_MS) -> dict:
     pick, held = split_seeds(rows)
     out = {
         "hardware": hardware_of(rows),
+        "engines": sorted({r["_engine"] for r in rows}),  # what served the network in the latency passes
         "n_seeds": n_seeds_of(rows),
         "pick_seeds": [pick[0], pick[-1]] if pick else None,
         "heldout_seeds": [held[0], held[-1]] if held else None,
@@ -295,7 +296,8 @@ def write_markdown(
         lines += ["Made by:", "", f"    {command}", ""]
     pick, held = result["pick_seeds"], result["heldout_seeds"]
     lines += [
-        f"Hardware: {result['hardware']}. Score over {result['n_seeds']} seeds; latency = median per control step at "
+        f"Hardware: {result['hardware']}; network served by {', '.join(result.get('engines') or ['torch'])}. "
+        f"Score over {result['n_seeds']} seeds; latency = median per control step at "
         "batch 1. A configuration fits a budget when its median latency is at most the budget. Toolkit = parallel "
         "solvers (exact: the sampler's output for its noise, within tolerance) and warm starts (re-noise, RTI-DP, "
         "Falcon: **approximate**, not the sampler's output for any noise). Difference = best toolkit minus best "
@@ -437,20 +439,69 @@ def plot(rows: list[dict], path: Path, title: str, budgets: tuple[float, ...] = 
     plt.close(fig)
 
 
+def score_check(rows: list[dict], others: list[dict]) -> list[dict]:
+    """Per configuration run in both: the paired per-seed score difference (other - this) and its standard error.
+    Used to show that another engine's score pass gives the same scores (within noise) as the front's."""
+    mine = {r["_dir"]: r for r in rows}
+    checks = []
+    for other in sorted(others, key=lambda r: r["_dir"]):
+        row = mine.get(other["_dir"])
+        if row is None:
+            continue
+        diff, se, n = paired_difference(other, row)
+        checks.append(
+            {
+                "configuration": other["_dir"],
+                "engines": [row["_score_engine"], other["_score_engine"]],
+                "scores": [row["score"], other["score"]],
+                "diff": diff,
+                "se": se,
+                "n": n,
+                "within_2se": diff is not None and se is not None and abs(diff) <= 2 * se,
+            }
+        )
+    return checks
+
+
+def score_check_markdown(checks: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## Score check: the same configurations' score passes on another engine",
+        "",
+        "Paired per-seed difference (check minus front) and its standard error; within 2 s.e. is no difference.",
+        "",
+        "| configuration | engines (front / check) | score front | score check | diff (s.e.) | n | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        diff = "–" if c["diff"] is None else f"{c['diff']:+.4f} ({c['se']:.4f})"
+        verdict = "no difference" if c["within_2se"] else "DIFFERENT"
+        lines.append(
+            f"| {c['configuration']} | {' / '.join(c['engines'])} | {c['scores'][0]:.3f} | {c['scores'][1]:.3f} | "
+            f"{diff} | {c['n']} | {verdict} |"
+        )
+    return lines
+
+
 def write_front(
     rows: list[dict],
     out: Path,
     command: str | None = None,
     task: str = "PushT",
     budgets: tuple[float, ...] = BUDGETS_MS,
+    checks: list[dict] | None = None,
 ) -> dict:
     """Write ``<out>.json``, ``<out>.md`` and ``<out>.png``; returns the JSON object."""
     result = front(rows, budgets)
+    if checks is not None:
+        result["score_check"] = checks
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out.with_name(out.name + ext) for ext in (".json", ".md", ".png"))
     write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
     plot(rows, png_path, f"{task}: latency vs score, sequential and toolkit fronts", budgets)
     write_markdown(result, rows, md_path, png_path.name, command, task)
+    if checks is not None:
+        write_text_atomic(md_path, md_path.read_text() + "\n".join(score_check_markdown(checks)) + "\n")
     return result
 
 
@@ -472,6 +523,13 @@ def main() -> None:
     parser.add_argument("--command", default=None, help="the command that produced the runs, quoted in the report")
     parser.add_argument("--task", default="PushT", help="the task's name in titles (scores are its rollout score)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS_MS), help="budgets in ms")
+    parser.add_argument(
+        "--score-check",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="directories of the same configurations run on another engine: their paired score differences",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     budgets = check_budgets(args.budgets)
@@ -479,8 +537,14 @@ def main() -> None:
     rows = load_results(args.dirs)
     if not rows:
         raise ConfigError(f"no results.json under {', '.join(map(str, args.dirs))}")
+    checks = None
+    if args.score_check:
+        others = load_results(args.score_check)
+        if not others:
+            raise ConfigError(f"--score-check: no results.json under {', '.join(map(str, args.score_check))}")
+        checks = score_check(rows, others)
     try:
-        write_front(rows, args.out, args.command, args.task, budgets)
+        write_front(rows, args.out, args.command, args.task, budgets, checks)
     except OSError as err:
         raise ConfigError(f"--out {args.out} cannot be written: {err.filename}: {err.strerror or err}") from None
     print(f"{len(rows)} configurations -> {args.out}.json, .md, .png")

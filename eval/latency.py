@@ -98,26 +98,6 @@ def cost_model_ms(network_ms: dict[str, float], batches: list[int]) -> float:
     return float(np.where(b > sizes[-1], beyond, inside).sum())
 
 
-def time_network(policy: DiffusionPolicy, batches: list[int], repeats: int) -> dict[str, float]:
-    """Median call time per batch size, each size timed in a block of consecutive calls as solvers make them
-    (interleaving sizes made the small ones ~30 % slower: the large calls before them evict the caches)."""
-    device = policy.device
-    H, A = policy.chunk_shape
-    out = {}
-    for b in batches:
-        x = torch.randn(b, H, A, device=device)
-        t = torch.randint(0, 100, (b,), device=device)
-        c = torch.randn(b, policy.config.unet.global_cond_dim, device=device)
-        times = []
-        with torch.inference_mode():
-            for _ in range(repeats + 2):
-                timer = NetworkTimer(policy.denoiser, device)
-                timer(x, t, c)
-                times.append(timer.seconds)
-        out[str(b)] = float(np.median(times[2:]) * 1e3)
-    return out
-
-
 def run_configuration(setup: SessionSetup, sequences: list[np.ndarray], profile: bool) -> list[tuple]:
     """(warm, latency ms, network ms, rounds, network evaluations, call batch sizes) for every inference."""
     policy, session = setup.policy, setup.session
@@ -172,25 +152,47 @@ def summarize(timed: list, profiled: list, warm: bool, network_ms: dict[str, flo
     }
 
 
-def network_table(policy: DiffusionPolicy, batches: list[int], repeats: int, flops: float) -> dict:
-    """The engine's call time per batch size, its attained GFLOP/s and its max deviation from the eager module."""
-    network_ms = time_network(policy, batches, repeats)
+def time_network_interleaved(policy: DiffusionPolicy, variants: list, use, batches: list[int], repeats: int) -> dict:
+    """Median call time per batch size of every engine variant, the variants taking turns in blocks of 3 calls
+    (one size at a time: interleaving sizes made the small ones slower, large calls evicting the caches)."""
+    device = policy.device
+    H, A = policy.chunk_shape
+    times: dict[str, dict[str, list[float]]] = {v: {str(b): [] for b in batches} for v, _ in variants}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, H, A, device=device)
+            t = torch.randint(0, 100, (b,), device=device)
+            c = torch.randn(b, policy.config.unet.global_cond_dim, device=device)
+            for rep in range(repeats + 1):
+                for variant, options in variants:
+                    use(variant, options)
+                    block = []
+                    for _ in range(3):
+                        timer = NetworkTimer(policy.denoiser, device)
+                        timer(x, t, c)
+                        block.append(timer.seconds)
+                    if rep:  # the first round warms every variant up
+                        times[variant][str(b)].append(float(np.median(block)))
+    return {v: {b: float(np.median(ts) * 1e3) for b, ts in table.items()} for v, table in times.items()}
+
+
+def network_table(policy: DiffusionPolicy, network_ms: dict[str, float], flops: float) -> dict:
+    """An engine's call times with its attained GFLOP/s and its max deviation from the eager module."""
     H, A = policy.chunk_shape
     deviation = 0.0
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for b in batches:
+        for b in network_ms:
+            b = int(b)
             x = torch.randn(b, H, A, generator=gen).to(policy.device)
             t = torch.randint(0, policy.config.schedule.num_train_timesteps, (b,), generator=gen).to(policy.device)
             c = torch.randn(b, policy.config.unet.global_cond_dim, generator=gen).to(policy.device)
             gap = (policy.denoiser(x, t, c) - policy.model(x, t, c)).abs().max()
             deviation = max(deviation, float(gap))
     return {
-        "engine": policy.engine.to_dict(),
         "network_ms": network_ms,
         "gflops": {b: flops * int(b) / (ms * 1e-3) / 1e9 for b, ms in network_ms.items()},
         "max_abs_dev_vs_eager": deviation,
-        "samplers": {},
     }
 
 
@@ -234,35 +236,42 @@ def main(cfg: DictConfig) -> None:
         policy.config.n_action_steps,
         policy.config.n_obs_steps,
     )
-    for engine in engines:
-        policy.use_engine(engine, cfg.threads)
-        table = result["engines"][engine] = network_table(policy, list(cfg.batches), cfg.repeats, flops)
-        log.info("%s, engine %s: network ms by batch %s", result["hardware"], engine, table["network_ms"])
-        for name, (run_cfg, setup) in tqdm(setups.items(), desc=f"latency ({engine})", dynamic_ncols=True):
-            run_configuration(setup, sequences[:1], profile=False)  # warm-up (graphs, caches)
-            timed = run_configuration(setup, sequences, profile=False)
-            profiled = run_configuration(setup, sequences, profile=True)
-            summary = summarize(timed, profiled, setup.warm_start is not False, table["network_ms"])
-            table["samplers"][name] = {"spec": describe(name, run_cfg, setup), **summary}
-            log.info("%s on %s: %s", name, engine, {k: round(v, 3) for k, v in summary.items()})
-            write_json_atomic(out_dir / "latency.json", result)
-    if cfg.fused and device.type == "cpu":  # the sequential configurations with each chain as one program
-        policy.use_engine("openvino", cfg.threads, fuse_chains=True)
-        table = result["engines"]["openvino_fused"] = network_table(policy, list(cfg.batches), cfg.repeats, flops)
-        for name, (run_cfg, setup) in setups.items():
+    # Every comparison interleaved, so that the host's drift (this shared machine's speed moves by 20-50 % within
+    # minutes) falls on all engines alike: call times batch by batch, then each configuration engine by engine.
+    variants = [(e, {}) for e in engines]
+    if cfg.fused and device.type == "cpu":  # short sequential chains as one program each
+        variants.append(("openvino_fused", {"engine": "openvino", "fuse_chains": True}))
+    if cfg.bf16 and device.type == "cpu":  # approximate: the call only, labelled, never a configuration's engine
+        variants.append(("openvino_bf16", {"engine": "openvino", "precision": "bf16"}))
+
+    def use(variant: str, options: dict) -> None:
+        policy.use_engine(
+            options.get("engine", variant), cfg.threads, **{k: v for k, v in options.items() if k != "engine"}
+        )
+
+    for variant, options in variants:
+        use(variant, options)  # compile (or read the cache) before anything is timed
+        result["engines"][variant] = {"engine": policy.engine.to_dict(), "samplers": {}}
+    tables = time_network_interleaved(policy, variants, use, list(cfg.batches), cfg.repeats)
+    for variant, _ in variants:
+        use(variant, dict(variants)[variant])
+        result["engines"][variant].update(network_table(policy, tables[variant], flops))
+    for name, (run_cfg, setup) in tqdm(setups.items(), desc="latency", dynamic_ncols=True):
+        for variant, options in variants:
+            if variant == "openvino_bf16" or (variant == "openvino_fused" and setup.solver.name != "sequential"):
+                continue  # bf16: the call only; fused: sequential chains only (others run as per-call openvino)
+            use(variant, options)
             setup.session.prepare()
-            if fused_chain(policy.denoiser, setup.session.schedule) is None:
-                continue  # not a fusable sequential chain: the same as per-call openvino
-            run_configuration(setup, sequences[:1], profile=False)
+            if variant == "openvino_fused" and fused_chain(policy.denoiser, setup.session.schedule) is None:
+                continue  # a chain too long or multistep: the same as per-call openvino
+            table = result["engines"][variant]
+            run_configuration(setup, sequences[:1], profile=False)  # warm-up (caches, the worker's request)
             timed = run_configuration(setup, sequences, profile=False)
             profiled = run_configuration(setup, sequences, profile=True)
             summary = summarize(timed, profiled, setup.warm_start is not False, table["network_ms"])
             table["samplers"][name] = {"spec": describe(name, run_cfg, setup), **summary}
-            log.info("%s fused: %s", name, {k: round(v, 3) for k, v in summary.items()})
-            write_json_atomic(out_dir / "latency.json", result)
-    if cfg.bf16 and device.type == "cpu":  # approximate: the call alone, labelled, never a configuration's engine
-        policy.use_engine("openvino", cfg.threads, precision="bf16")
-        result["engines"]["openvino_bf16"] = network_table(policy, list(cfg.batches), cfg.repeats, flops)
+            log.info("%s on %s: %s", name, variant, {k: round(v, 3) for k, v in summary.items()})
+        write_json_atomic(out_dir / "latency.json", result)
     write_json_atomic(out_dir / "latency.json", result)
     write_text_atomic(out_dir / "latency.md", markdown(result))
     print(markdown(result))

@@ -15,18 +15,17 @@ solves with a zero-cost stand-in denoiser (zeros) to time the solver's own work 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from policy_accel.errors import report_user_errors
+from policy_accel.errors import ConfigError, report_user_errors
+from policy_accel.experiment.build import cfg_device, cfg_int, prepare_out_dir, write_json_atomic, write_text_atomic
 from policy_accel.experiment.hardware import hardware
 from policy_accel.experiment.timing import timing_policy
 from policy_accel.policy import DiffusionPolicy
@@ -71,14 +70,42 @@ def standin_ms_per_round(policy: DiffusionPolicy, schedule, spec: dict, repeats:
     return float(np.median(per_round))
 
 
+def check_rows(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
+    """The solver rows (an entry set to null on the command line, e.g. solvers.parataa=null, is skipped), each solver
+    and schedule built once here so that a bad one fails in seconds with its key, not after minutes of timing."""
+    specs = {k: v for k, v in OmegaConf.to_container(cfg.solvers).items() if v is not None}
+    if not specs:
+        raise ConfigError("solvers: every row is null; nothing to measure")
+    for name, spec in specs.items():
+        if not isinstance(spec, dict) or "solver" not in spec:
+            raise ConfigError(f"solvers.{name}={spec!r} is not allowed: expected {{solver: NAME, options: {{...}}}}")
+        try:
+            make_solver(spec["solver"], **(spec.get("options") or {}))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"solvers.{name}: {err}") from None
+        if not isinstance(spec.get("warm", False), bool):
+            raise ConfigError(f"solvers.{name}.warm={spec['warm']!r} is not allowed: expected true or false")
+    for label, overrides in OmegaConf.to_container(cfg.schedules).items():
+        if overrides is None:
+            continue
+        try:
+            policy.schedule(**overrides)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"schedules.{label}={overrides!r} is not allowed: {err}") from None
+    return specs
+
+
 @hydra.main(config_path="../configs", config_name="overhead", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    cfg_device(cfg)
+    for key in ("threads", "n_episodes", "n_inferences", "standin_repeats"):
+        cfg_int(cfg, key, minimum=1)
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     policy = timing_policy(cfg.checkpoint, cfg.model, device, cfg.engine)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = check_rows(cfg, policy)  # every row buildable before the first is timed (minutes later)
+    out_dir = prepare_out_dir(cfg.out_dir)
     sequences = control_sequences(
         cfg.task.dataset,
         cfg.task.get("obs_keys"),
@@ -90,8 +117,6 @@ def main(cfg: DictConfig) -> None:
     result = {"hardware": hardware(device, cfg.threads), "engine": policy.engine.to_dict(), "rows": []}
     standin = {}
     started = time.perf_counter()
-    # An entry set to null on the command line (solvers.parataa=null, schedules.ddpm100=null) is skipped.
-    specs = {k: v for k, v in OmegaConf.to_container(cfg.solvers).items() if v is not None}
     for label, overrides in OmegaConf.to_container(cfg.schedules).items():
         if overrides is None:
             continue
@@ -119,9 +144,11 @@ def main(cfg: DictConfig) -> None:
             result["rows"].append(row)
             standin[(name, label)] = standin_ms_per_round(policy, schedule, spec, cfg.standin_repeats)
             log.info("%s %s: %s, stand-in %.3f ms/round", name, label, row, standin[(name, label)])
-            (out_dir / "overhead.json").write_text(json.dumps(result, indent=1))
+            write_json_atomic(out_dir / "overhead.json", result)
     command = "python eval/overhead.py " + " ".join(sys.argv[1:])
-    (out_dir / "overhead.md").write_text(markdown(result, standin, command.strip(), time.perf_counter() - started))
+    write_text_atomic(
+        out_dir / "overhead.md", markdown(result, standin, command.strip(), time.perf_counter() - started)
+    )
 
 
 def markdown(result: dict, standin: dict, command: str, seconds: float) -> str:

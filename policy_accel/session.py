@@ -292,6 +292,7 @@ class Session:
         ``budget`` overrides ``self.budget`` for this call (a real-time controller's deadline).
         """
         start = time.perf_counter()
+        self.policy.sync_engine()
         cond = self.policy.condition(obs_history)
         batch = cond.shape[0]
         renoise = self.renoise and self._previous is not None and self._previous[1].x_T.shape[0] == batch

@@ -242,3 +242,25 @@ def test_a_session_prepares_its_chains_before_the_first_inference(openvino_polic
     assert fused.denoiser.chain(long_chain, compile=True) is None
     with pytest.raises(ConfigError, match="engine_fuse=True is not allowed"):
         load_policy(PUSHT_CHECKPOINT, engine="torch").use_engine("onnxruntime", fuse_chains=True)
+
+
+def test_weights_edited_in_place_are_recompiled_before_the_next_inference():
+    """An engine holds a copy of the weights: a session never plans with the old ones after an in-place edit."""
+    import numpy as np
+
+    obs = np.full((1, 2, 18), 100.0)
+
+    def plan(policy):
+        session = Session(policy, make_solver("sequential"), policy.schedule(kind="ddim", num_inference_steps=2))
+        session.reset(seed=0)
+        return session.plan(obs)[0]
+
+    policy = load_policy(PUSHT_CHECKPOINT, engine="openvino")
+    before = plan(policy)
+    eager = load_policy(PUSHT_CHECKPOINT, engine="torch")
+    with torch.no_grad():
+        policy.model.final_conv[1].bias.add_(0.5)
+        eager.model.final_conv[1].bias.add_(0.5)
+    after = plan(policy)
+    assert np.abs(after - before).max() > 1.0  # the edit reached the engine
+    assert np.abs(after - plan(eager)).max() <= 1e-2  # raw units (up to 512): the engine runs the edited weights

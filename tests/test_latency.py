@@ -104,3 +104,20 @@ def test_import_enlarges_the_onednn_kernel_cache_unless_the_user_set_it():
     assert _cache_capacity_after_import(env) == PRIMITIVE_CACHE_CAPACITY
     assert int(PRIMITIVE_CACHE_CAPACITY) > 1024  # oneDNN's default, which the solvers' batch sizes thrash
     assert _cache_capacity_after_import({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}) == "64"
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("threads=0", "threads=0 is not allowed"),
+        ("+solvers.paradigms.options.window=0", "solvers.paradigms: window=0 is not allowed"),
+        ("solvers.sequential.solver=bogus", "solvers.sequential: unknown solver 'bogus'"),
+        ("schedules.ddim10.num_inference_steps=0", "schedules.ddim10="),
+        ("engine=tensorrt", "engine='tensorrt' is not allowed"),
+    ],
+)
+def test_overhead_checks_every_row_before_timing_any(tmp_path, override, match):
+    cmd = [sys.executable, "eval/overhead.py", f"out_dir={tmp_path}", override]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and match in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "overhead.json").exists()

@@ -87,6 +87,7 @@ def _identity(**changes) -> dict:
     results = {
         "task": "pusht", "solver": "sequential", "policy": "ddim2", "solver_options": {}, "warm_start": False,
         "noise": "fresh", "checkpoint": "checkpoints/pusht", "env_batch": 1, "threads": 1, "seeds": [100000],
+        "engine": {"name": "openvino", "precision": "f32"},  # what engine=auto runs here
     }  # fmt: skip
     return {**results, **changes}
 

@@ -97,6 +97,9 @@ def _row(r: dict) -> dict:
         "_experiment": r.get("experiment"),
         "_overrides": r.get("overrides"),
         "_hardware": r.get("hardware"),
+        # what served the network: for latency (a benchmark's batch-1 pass) and for the score (its score pass)
+        "_engine": (r.get("engine") or {"name": "torch"})["name"],
+        "_score_engine": (r.get("score_engine") or r.get("engine") or {"name": "torch"})["name"],
     }
 
 
