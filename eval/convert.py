@@ -39,11 +39,17 @@ def convert(
         raise CheckpointError(f"destination {dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise CheckpointError(f"destination {dst} is not empty; pass --force to overwrite its checkpoint files")
+    created = not dst.exists()
     try:  # before reading the source: an unwritable destination fails at once, naming it
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"destination {dst} cannot be written: {err.strerror or err}") from None
-    loaded = read_checkpoint(src, trust_pickle=trust_pickle)
+    try:
+        loaded = read_checkpoint(src, trust_pickle=trust_pickle)
+    except BaseException:
+        if created:  # a refused or unreadable source leaves nothing behind
+            dst.rmdir()
+        raise
     extra = {"converted_from": {**loaded.info, "format": loaded.format, "source": str(src)}}
     if loaded.format == "policy_accel" and loaded.info.get("extra"):
         extra = {**loaded.info["extra"], **extra}

@@ -154,7 +154,8 @@ class DiffusionPolicy:
         torch's setting) go to the engine; with a CPU engine torch itself is set to one thread."""
         name = resolve_engine(engine, self.device)
         threads = torch.get_num_threads() if threads is None else threads
-        self._weight_tensors = [*self.model.parameters(), *self.model.buffers()]
+        # inference tensors (weights loaded under torch.inference_mode) keep no version counter
+        self._weight_tensors = [t for t in (*self.model.parameters(), *self.model.buffers()) if not t.is_inference()]
         fingerprint = self._weights_fingerprint()
         if self._engine_fingerprint != fingerprint:
             self._compiled = {}  # compiled for other weights

@@ -300,7 +300,10 @@ def test_realtime_counts_a_tick_that_is_both_a_fallback_and_late_once():
     ep = EpisodeLog(0, steps=3, misses=1, miss_ticks=[1], wake_s=[0.0, 0.0021, 0.003], late_s=[0.0, 0.0011, 0.0])
     ep.chunk_actions = {0: 2}
     session = SimpleNamespace(renoise_steps=None, tail_fill="repeat", approximate=False)
-    setup = SimpleNamespace(warm_start=False, session=session, checkpoint="c")
+    from policy_accel.model.engine import EngineInfo
+
+    policy = SimpleNamespace(engine=EngineInfo("torch", "2", "f32", 1))
+    setup = SimpleNamespace(warm_start=False, session=session, checkpoint="c", policy=policy)
     ctrl = SimpleNamespace(stats=Stats())
     out = summarize(cfg, setup, [ep], [], ctrl)
     assert out["fallback_ticks"] == 1 and out["overrun_ticks"] == 1 and out["missed_ticks"] == 1

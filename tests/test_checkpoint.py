@@ -34,7 +34,7 @@ def _actions(policy: DiffusionPolicy) -> np.ndarray:
 
 def test_round_trip_preserves_config_weights_normalizers_and_actions(small_policy, tmp_path):
     save_policy(small_policy, tmp_path / "ckpt", extra={"note": "test"})
-    loaded = load_policy(tmp_path / "ckpt")
+    loaded = load_policy(tmp_path / "ckpt", engine="torch")  # the format, bit for bit (engines: test_engine.py)
     assert loaded.config == small_policy.config
     for (k, a), (k2, b) in zip(small_policy.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)

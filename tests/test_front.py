@@ -64,7 +64,8 @@ def test_front_json_schema_and_choices(tmp_path):
     result = write_front(rows, tmp_path / "pusht_front", command="python eval/benchmark.py ...")
     on_disk = json.loads((tmp_path / "pusht_front.json").read_text())
     assert on_disk == result
-    assert set(result) == {"hardware", "n_seeds", "pick_seeds", "heldout_seeds", "budgets", "criteria"}
+    assert set(result) == {"hardware", "engines", "n_seeds", "pick_seeds", "heldout_seeds", "budgets", "criteria"}
+    assert result["engines"] == ["torch"]  # runs that record no engine were eager
     assert result["hardware"] == HW and result["n_seeds"] == 3
     assert list(result["budgets"]) == [f"{b:g}" for b in BUDGETS_MS]
     assert list(result["budgets"]) == ["5", "7.5", "10", "15", "20", "30", "40", "80", "160"]
@@ -257,3 +258,22 @@ def test_criteria_need_a_heldout_win_of_two_standard_errors_and_no_shortfall_any
         tmp_path / "tk_slow", "ddim16", "newton", 29.0, [b + 0.1 for b in base], **{**RENOISE, "approximate": False}
     )
     assert front(load_results([tmp_path]))["criteria"]["met"]
+
+
+def test_score_check_pairs_the_same_configuration_across_engines(tmp_path):
+    """--score-check: per configuration, the other engine's score minus the front's, paired by seed."""
+    from front import score_check
+
+    def episodes(rewards):
+        return [{"seed": 100000 + i, "max_reward": r, "success": False, "steps": 300} for i, r in enumerate(rewards)]
+
+    _fake(tmp_path / "a" / "seq_ddim4", "ddim4", "sequential", 0.5, 9.0, episodes=episodes([0.4, 0.5, 0.6]))
+    _fake(tmp_path / "a" / "only_here", "ddim2", "sequential", 0.3, 5.0, episodes=episodes([0.3, 0.3, 0.3]))
+    engine = {"name": "openvino", "precision": "f32"}
+    _fake(
+        tmp_path / "b" / "seq_ddim4", "ddim4", "sequential", 0.6, 3.0, episodes=episodes([0.5, 0.6, 0.7]), engine=engine
+    )
+    (check,) = score_check(load_results([tmp_path / "a"]), load_results([tmp_path / "b"]))
+    assert check["configuration"] == "seq_ddim4" and check["engines"] == ["torch", "openvino"]
+    assert check["diff"] == pytest.approx(0.1) and check["se"] == pytest.approx(0.0, abs=1e-12) and check["n"] == 3
+    assert check["within_2se"] is False  # a constant shift on every seed is a difference

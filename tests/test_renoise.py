@@ -136,7 +136,7 @@ def test_renoise_with_a_parallel_solver_on_the_tail(trained_policy):
     [
         ("renoise", None, "needs renoise_steps in \\[1, 10\\]"),
         ("renoise", 11, "needs renoise_steps in \\[1, 10\\]"),
-        ("renoise", 0, "needs renoise_steps"),
+        ("renoise", 0, "renoise_steps=0 is not allowed"),
         (True, 3, "only used with warm_start='renoise'"),
         (False, 3, "only used with warm_start='renoise'"),
         ("exact", None, "unknown warm_start 'exact'"),
