@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from policy_accel.errors import ObservationError
-from policy_accel.model.engine import EngineInfo, compile_denoiser, resolve_engine
+from policy_accel.model.engine import CPU_ENGINES, EngineInfo, compile_denoiser, resolve_engine
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.observations import check_observation
@@ -112,10 +112,7 @@ class DiffusionPolicy:
             )
         self.config = config
         self.model = model.eval()
-        self._forward = self.model  # what `denoiser` runs: the module, or its compiled engine (use_engine)
-        self.engine = EngineInfo("torch", torch.__version__, "f32", torch.get_num_threads())
-        self._compiled: dict[tuple, tuple] = {}  # engines compiled for the weights of _engine_fingerprint
-        self._engine_fingerprint: int | None = None
+        self._serve_eager()
         self._weight_tensors: list[torch.Tensor] = []
         self.obs_normalizer = obs_normalizer
         self.action_normalizer = action_normalizer
@@ -134,10 +131,16 @@ class DiffusionPolicy:
         self.model.to(device)
         self.obs_normalizer.to(device)
         self.action_normalizer.to(device)
-        self._forward = self.model  # a compiled engine belongs to the old device
-        self.engine = EngineInfo("torch", torch.__version__, "f32", torch.get_num_threads())
-        self._compiled, self._engine_fingerprint = {}, None
+        self._serve_eager()  # a compiled engine belongs to the old device
         return self
+
+    def _serve_eager(self) -> None:
+        """The module itself serves the denoiser, and no compiled engine is kept."""
+        self._forward = self.model  # what `denoiser` runs: the module, or its compiled engine (use_engine)
+        self.engine = EngineInfo("torch", torch.__version__, "f32", torch.get_num_threads())
+        self._compiled: dict[tuple, tuple] = {}  # engines compiled for the weights of _engine_fingerprint
+        self._engine_fingerprint: int | None = None
+        self._engine_cache_dir: Path | None = None
 
     def use_engine(
         self,
@@ -148,10 +151,11 @@ class DiffusionPolicy:
         fuse_chains: bool = False,
     ) -> DiffusionPolicy:
         """Serve the denoiser from ``engine`` (``auto``: the fastest exact one for this device; see
-        :mod:`policy_accel.model.engine`). The engine holds a copy of the weights as they are now: call it again
-        after changing them. ``precision="bf16"`` (OpenVINO) is approximate and labelled so in ``self.engine``;
-        ``fuse_chains`` (OpenVINO) runs short sequential chains as one program each (exact). ``threads`` (default:
-        torch's setting) go to the engine; with a CPU engine torch itself is set to one thread."""
+        :mod:`policy_accel.model.engine`). The engine holds a copy of the weights as they are now; an in-place
+        change of them is recompiled before the next inference (:meth:`sync_engine`). ``precision="bf16"``
+        (OpenVINO) is approximate and labelled so in ``self.engine``; ``fuse_chains`` (OpenVINO) runs short
+        sequential chains as one program each (exact). ``threads`` (default: torch's setting) go to the engine; with
+        a CPU engine torch itself is set to one thread."""
         name = resolve_engine(engine, self.device)
         threads = torch.get_num_threads() if threads is None else threads
         # inference tensors (weights loaded under torch.inference_mode) keep no version counter
@@ -172,10 +176,10 @@ class DiffusionPolicy:
                 fuse_chains=fuse_chains,
             )
         self._forward, self.engine = self._compiled[key]
-        self._engine_fingerprint = fingerprint
+        self._engine_fingerprint, self._engine_cache_dir = fingerprint, cache_dir
         # A CPU engine takes the threads; torch keeps one for the sampler's small steps around the calls (its idle
         # OpenMP threads otherwise spin on the cores the engine needs: DDIM-10 12.5 vs 14.5 ms per inference here).
-        torch.set_num_threads(1 if name in ("openvino", "onnxruntime") else threads)
+        torch.set_num_threads(1 if name in CPU_ENGINES else threads)
         return self
 
     @property
@@ -214,7 +218,11 @@ class DiffusionPolicy:
         if self.engine.name != "torch" and self._weights_fingerprint() != self._engine_fingerprint:
             log.warning("the denoiser's weights changed since engine %s compiled them: recompiling", self.engine.name)
             self.use_engine(
-                self.engine.name, self.engine.threads, self.engine.precision, None, self.engine.fused_chains
+                self.engine.name,
+                self.engine.threads,
+                self.engine.precision,
+                self._engine_cache_dir,
+                self.engine.fused_chains,
             )
 
     def _weights_fingerprint(self) -> int:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_errors import one_error_line
 
-from policy_accel.errors import EXIT_USER_ERROR, PickleRefusedError
+from policy_accel.errors import PickleRefusedError
 from policy_accel.io.checkpoint import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +36,6 @@ def run_script(script: str, *args: str, timeout: int = 300, env: dict | None = N
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-
-
-def one_error_line(run: subprocess.CompletedProcess) -> str:
-    """The run failed with exactly one line on stderr, ``error: ...``, and no traceback anywhere."""
-    assert run.returncode == EXIT_USER_ERROR, (run.returncode, run.stderr[-3000:])
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-3000:]
-    assert "Traceback" not in run.stderr + run.stdout
-    return lines[0]
 
 
 # -- pickles: only an explicit boolean true opens one -------------------------------------------------------------

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_errors import one_error_line
 
 from policy_accel.control import FakeClock, PlannedChunk, RealTimeController
-from policy_accel.errors import EXIT_USER_ERROR, ConfigError, ObservationError
+from policy_accel.errors import ConfigError, ObservationError
 
 ROOT = Path(__file__).resolve().parents[1]
 DT = 0.1
@@ -32,15 +33,6 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
         timeout=timeout,
         env={**os.environ, "HYDRA_FULL_ERROR": ""},
     )
-
-
-def one_error_line(run: subprocess.CompletedProcess) -> str:
-    """The run failed with exactly one line on stderr, ``error: ...``, and no traceback anywhere."""
-    assert run.returncode == EXIT_USER_ERROR, (run.returncode, run.stderr[-3000:])
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-3000:]
-    assert "Traceback" not in run.stderr + run.stdout
-    return lines[0]
 
 
 def _compose(config: str, overrides: list[str]):

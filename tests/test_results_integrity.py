@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from policy_accel.errors import EXIT_USER_ERROR
+from cli_errors import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 # engine=torch: these tests are about output directories, not engines (no network compiled, nothing on stderr)
@@ -33,15 +32,6 @@ def _command(script: str, *args: str) -> list[str]:
 
 def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(_command(script, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _one_error_line(run: subprocess.CompletedProcess) -> str:
-    """The run failed with exactly one line on stderr, ``error: ...``, and no traceback anywhere."""
-    assert run.returncode == EXIT_USER_ERROR, (run.returncode, run.stderr[-3000:])
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-3000:]
-    assert "Traceback" not in run.stderr + run.stdout
-    return lines[0]
 
 
 def _wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
@@ -74,7 +64,7 @@ def test_two_runs_with_other_seeds_started_at_once_into_one_out_dir_one_refuses_
     ok = [k for k, r in runs.items() if r.returncode == 0]
     assert len(ok) == 1, {k: (r.returncode, r.stderr[-1500:]) for k, r in runs.items()}
     winner, loser = ok[0], ({"a", "b"} - set(ok)).pop()
-    line = _one_error_line(runs[loser])
+    line = one_error_line(runs[loser])
     assert f"out_dir={str(out)!r} is in use by another run (pid {procs[winner].pid})" in line, line
     assert "results written" not in runs[loser].stdout
     results = json.loads((out / "results.json").read_text())
@@ -92,7 +82,7 @@ def test_the_same_configuration_started_twice_is_refused_while_the_first_runs(tm
         assert first.poll() is None, first.communicate()[1][-3000:]
         same = _finish(_popen("rollout.py", *args, f"hydra.run.dir={tmp_path / 'h2'}"))
         assert first.poll() is None, "the first run ended before the second was refused: the test proves nothing"
-        line = _one_error_line(same)
+        line = one_error_line(same)
         assert f"is in use by another run of the same configuration (pid {first.pid})" in line, line
     finally:
         first.send_signal(signal.SIGINT)
@@ -261,7 +251,7 @@ def _set(results: dict, dotted: str, value) -> dict:
 def test_a_nan_or_string_score_is_one_error_naming_file_and_field_never_ranked(tmp_path, script, score):
     broken = _sweep(tmp_path / "runs", _results("ddim1", "sequential", score, 1.0))
     run = _run(script, str(tmp_path / "runs"), "--out", str(tmp_path / "report" / "front"))
-    line = _one_error_line(run)
+    line = one_error_line(run)
     assert str(broken) in line and "score" in line, line
     assert not any(p.is_file() for p in tmp_path.joinpath("report").rglob("*"))  # nothing written
 
@@ -328,7 +318,7 @@ def test_every_committed_report_loads_with_the_schema():
 @pytest.mark.parametrize("budgets", [["nan"], ["-5"], ["nan", "-5"], ["0"], ["inf"]])
 def test_front_refuses_budgets_that_are_not_positive_finite(tmp_path, budgets):
     _sweep(tmp_path / "runs", _results("ddim1", "sequential", 0.9, 1.0))
-    line = _one_error_line(_run("front.py", str(tmp_path / "runs"), "--out", str(tmp_path / "f"), "--budgets",
+    line = one_error_line(_run("front.py", str(tmp_path / "runs"), "--out", str(tmp_path / "f"), "--budgets",
                                 *budgets))  # fmt: skip
     assert "--budgets" in line and budgets[0] in line, line
 
@@ -338,7 +328,7 @@ def test_an_unwritable_out_is_one_error(tmp_path, script):
     _sweep(tmp_path / "runs", _results("ddim1", "sequential", 0.9, 1.0))
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    line = _one_error_line(_run(script, str(tmp_path / "runs"), "--out", str(blocker / "out" / "front")))
+    line = one_error_line(_run(script, str(tmp_path / "runs"), "--out", str(blocker / "out" / "front")))
     assert "--out" in line and "cannot be written" in line and str(blocker) in line, line
 
 
@@ -346,6 +336,6 @@ def test_benchmark_refuses_an_unwritable_out_dir_before_any_job(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     run = _run("benchmark.py", f"out_dir={blocker / 'bench'}", "only=[seq_ddim4]", "n_episodes=1")
-    line = _one_error_line(run)
+    line = one_error_line(run)
     assert f"out_dir='{blocker / 'bench'}' cannot be written" in line, line
     assert "report written" not in run.stdout + run.stderr

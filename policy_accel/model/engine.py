@@ -43,6 +43,7 @@ from policy_accel.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime", "cuda_graphs")
+CPU_ENGINES = ("openvino", "onnxruntime")  # compiled engines that run on the CPU's cores, beside torch's threads
 PRECISIONS = ("f32", "bf16")
 EXACT_TOLERANCE = 1e-5  # max |engine - eager| per call, float32 (the engines' tested contract)
 _INPUT_NAMES = ("sample", "timestep", "global_cond")
@@ -100,7 +101,7 @@ def resolve_engine(name: str, device: torch.device | str) -> str:
         if kind == "cuda":
             return "cuda_graphs"
         return "openvino" if kind == "cpu" and available("openvino") else "torch"
-    if name in ("openvino", "onnxruntime") and kind != "cpu":
+    if name in CPU_ENGINES and kind != "cpu":
         raise ConfigError(f"engine={name} runs on the CPU only, but device={device}")
     if name == "cuda_graphs" and kind != "cuda":
         raise ConfigError(f"engine=cuda_graphs needs device=cuda, got device={device}")
@@ -436,6 +437,7 @@ def compile_denoiser(
 
 
 __all__ = [
+    "CPU_ENGINES",
     "ENGINES",
     "EXACT_TOLERANCE",
     "MAX_FUSED_STEPS",
