@@ -35,10 +35,12 @@ def test_front2_configuration_builds(setups, name):
     session, schedule = setup.session, setup.schedule
     if name.startswith("seq_"):
         assert setup.solver.name == "sequential" and not session.approximate and setup.warm_start is False
-        steps = int(re.search(r"(\d+)(_thresh15)?$", name).group(1))
-        assert schedule.num_steps == steps
-        kind = {"ddimtr": "ddim", "dpmpp2m": "dpmpp2m", "unipc": "unipc"}.get(name.split("_")[1], None)
-        assert kind is None or schedule.config.kind == kind
+        family, steps = re.fullmatch(
+            r"seq_(ddimtr_|ddim|dpmpp2m_|unipc_|ddpm)(\d+)(?:_thresh15|_coupled)?", name
+        ).groups()
+        assert schedule.num_steps == int(steps)
+        kind = {"ddimtr_": "ddim", "ddim": "ddim", "dpmpp2m_": "dpmpp2m", "unipc_": "unipc", "ddpm": "ddpm"}[family]
+        assert schedule.config.kind == kind, (name, schedule.config.kind)
         assert ("ddimtr" in name) == (schedule.config.spacing == "trailing")
         assert ("thresh15" in name) == schedule.config.thresholding
     if name.startswith(("rti_", "falcon_", "renoise_")):

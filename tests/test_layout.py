@@ -6,9 +6,6 @@
   editable by scripts/setup.sh, so every script imports the library, never a sibling);
 * every named configuration the entry points select exists in ``configs/experiment/`` (the one schema);
 * ``reports/`` holds outputs only.
-
-Rules another change is still fixing are ``xfail(strict=True)``: once it is fixed the test passes, strict turns that
-into a failure, and the marker (and its entry below) must go.
 """
 
 from __future__ import annotations
@@ -25,11 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "policy_accel"
 EVAL = ROOT / "eval"
 EXPERIMENTS = ROOT / "configs" / "experiment"
-
-# Still being fixed (issue #24's other parts); each entry flips its test to a failure once fixed.
-KNOWN_CYCLES: list[frozenset[str]] = []
-PENDING_SYS_PATH: dict[str, str] = {}  # eval scripts that still put the checkout on sys.path
-PENDING_SCRIPT_IMPORTS: dict[str, str] = {}
 OUTPUT_ONLY_FORBIDDEN = (".py", ".sh", ".patch", ".log")
 
 
@@ -113,13 +105,9 @@ def test_relative_and_function_local_imports_are_seen():
     assert names == {"policy_accel.solvers.base", "policy_accel.policy"}  # not the package policy_accel.solvers
 
 
-def test_no_import_cycle_besides_the_known_ones():
-    unexpected = [sorted(c) for c in cycles(library_graph()) if c not in KNOWN_CYCLES]
-    assert not unexpected, f"import cycles in policy_accel: {unexpected}"
-
-
 def test_no_import_cycle_in_the_library():
-    assert not cycles(library_graph())
+    found = [sorted(c) for c in cycles(library_graph())]
+    assert not found, f"import cycles in policy_accel: {found}"
 
 
 def test_library_imports_neither_eval_nor_experiments():
@@ -154,24 +142,18 @@ def _edits_sys_path(tree: ast.AST) -> bool:
     return False
 
 
-def _marked(path: Path, pending: dict[str, str]):
-    if path.name in pending:
-        return pytest.param(path, id=path.name, marks=pytest.mark.xfail(strict=True, reason=pending[path.name]))
-    return pytest.param(path, id=path.name)
-
-
 def test_sys_path_detector():
     assert _edits_sys_path(ast.parse("import sys\nsys.path.insert(0, 'x')"))
     assert _edits_sys_path(ast.parse("import sys\nsys.path = ['x']"))
     assert not _edits_sys_path(ast.parse("import sys\nprint(sys.argv)"))
 
 
-@pytest.mark.parametrize("script", [_marked(p, PENDING_SYS_PATH) for p in _eval_scripts()])
+@pytest.mark.parametrize("script", _eval_scripts(), ids=lambda p: p.name)
 def test_eval_script_does_not_edit_sys_path(script: Path):
     assert not _edits_sys_path(ast.parse(script.read_text())), f"{script.relative_to(ROOT)} edits sys.path"
 
 
-@pytest.mark.parametrize("script", [_marked(p, PENDING_SCRIPT_IMPORTS) for p in _eval_scripts()])
+@pytest.mark.parametrize("script", _eval_scripts(), ids=lambda p: p.name)
 def test_eval_script_imports_no_other_script(script: Path):
     siblings = {p.stem for p in _eval_scripts()} - {script.stem}
     imported = _imported(ast.parse(script.read_text()), script.stem, is_package=False)
