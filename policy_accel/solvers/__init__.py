@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from policy_accel.errors import ConfigError
-from policy_accel.schema import check_mapping
+from policy_accel.schema import FieldError, check_mapping
 from policy_accel.solvers.base import Solver
 from policy_accel.solvers.newton import NewtonSolver
 from policy_accel.solvers.paradigms import ParadigmsSolver
@@ -18,9 +18,15 @@ SOLVERS: dict[str, type] = {
 }
 
 
-def make_solver(name: str, **options) -> Solver:
+CAPABILITIES = ("name", "exact_warm_start")  # what a solver is, never an option (it labels results exact or not)
+
+
+def make_solver(name: str, /, **options) -> Solver:
     """Build a solver by name; unknown names and options fail here with a ``ConfigError`` naming the bad value."""
     if name not in SOLVERS:
         raise ConfigError(f"unknown solver {name!r}; valid: {', '.join(sorted(SOLVERS))}")
-    check_mapping(options, SOLVERS[name], owner=f"solver {name!r}", hidden=("name", "exact_warm_start"))
+    for key in CAPABILITIES:
+        if key in options:
+            raise FieldError(key, options[key], f"not an option of solver {name!r}: a property of the solver itself")
+    check_mapping(options, SOLVERS[name], owner=f"solver {name!r}", hidden=CAPABILITIES)
     return SOLVERS[name](**options)
