@@ -300,6 +300,45 @@ def test_dp_cfg_problems_are_refused(changes, message, small_policy, tmp_path):
         load_policy(path, trust_pickle=True)
 
 
+@pytest.mark.parametrize(
+    "settings,expected",
+    [
+        ({"timestep_spacing": "trailing"}, {"timestep_spacing": "trailing"}),
+        ({"timestep_spacing": "linspace"}, {"timestep_spacing": "linspace"}),
+        (
+            {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+            {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+        ),
+        ({"thresholding": True}, {"thresholding": True, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}),
+    ],
+)
+def test_dp_scheduler_spacing_and_thresholding_load_as_schedule_config_settings(settings, expected, tmp_path):
+    """DDIM checkpoints with diffusers' ``timestep_spacing`` / ``thresholding`` keys (what ScheduleConfig supports) load
+    with those settings, and the loaded policy's sampler gives the same actions as one built with them directly."""
+    config = PolicyConfig(
+        unet=UNetConfig(down_dims=[16, 32, 64], diffusion_step_embed_dim=32),
+        schedule=ScheduleConfig(kind="ddim", num_inference_steps=4),
+    )
+    policy = _policy(config)
+    cfg = dp_workspace_cfg(policy)
+    cfg["policy"]["noise_scheduler"].update(settings)
+    path = write_dp_ckpt(policy, tmp_path / "latest.ckpt", cfg=cfg)
+    loaded = load_policy(path, trust_pickle=True)
+    for key, value in expected.items():
+        assert getattr(loaded.config.schedule, key) == value, key
+    schedule = loaded.schedule()
+    reference = policy.schedule(**expected)
+    torch.testing.assert_close(schedule.timesteps, reference.timesteps)
+
+
+def test_dp_ddpm_with_trailing_spacing_is_still_refused_with_the_reason(small_policy, tmp_path):
+    cfg = dp_workspace_cfg(small_policy)
+    cfg["policy"]["noise_scheduler"]["timestep_spacing"] = "trailing"
+    path = write_dp_ckpt(small_policy, tmp_path / "latest.ckpt", cfg=cfg)
+    with pytest.raises(CheckpointError, match="trailing"):
+        load_policy(path, trust_pickle=True)
+
+
 def _edit_json(path: Path, edit) -> None:
     raw = json.loads(path.read_text())
     edit(raw)

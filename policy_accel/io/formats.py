@@ -51,14 +51,14 @@ _DIFFUSERS_DEFAULTS = {
     "clip_sample": True,
     "prediction_type": "epsilon",
 }
+# diffusers' spacing and dynamic thresholding (ScheduleConfig implements both); absent keys take these defaults.
+_DIFFUSERS_OPTIONAL = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
 # Settings our schedule tables hard-code (ScheduleConfig.make_scheduler): any other value is refused.
 _SCHEDULER_FIXED = {
     "variance_type": ("fixed_small",),  # DDPM only
     "set_alpha_to_one": (True,),  # DDIM only
     "steps_offset": (0,),
     "clip_sample_range": (1.0,),
-    "thresholding": (False,),
-    "timestep_spacing": ("leading",),
     "trained_betas": (None,),
     "rescale_betas_zero_snr": (False,),
     "eta": (0, 0.0),
@@ -367,6 +367,7 @@ def _schedule_config(
                 "the sampler would not match the one the policy was trained and evaluated with"
             )
     value = {k: settings.get(k, v) for k, v in defaults.items()}
+    optional = {k: settings.get(k, v) for k, v in _DIFFUSERS_OPTIONAL.items()}
     if value["prediction_type"] != "epsilon":
         raise CheckpointError(
             f"{path}: {where}.prediction_type={value['prediction_type']!r} is not supported; only 'epsilon' "
@@ -384,6 +385,10 @@ def _schedule_config(
             beta_schedule=str(value["beta_schedule"]),
             clip_sample=bool(value["clip_sample"]),
             prediction_type="epsilon",
+            timestep_spacing=settings.get("timestep_spacing"),  # None: the kind's diffusers default (leading)
+            thresholding=optional["thresholding"],
+            dynamic_thresholding_ratio=float(optional["dynamic_thresholding_ratio"]),
+            sample_max_value=float(optional["sample_max_value"]),
         )
         config.make_scheduler()  # e.g. an unknown beta_schedule fails here, at load time
     except (NotImplementedError, ValueError, TypeError) as err:
