@@ -191,9 +191,10 @@ def falcon_select(
         logits = torch.where(logits == logits.max(0).values, 0.0, -math.inf)
     else:
         logits = torch.where(passing, -remaining.view(C, 1).float() / config.temperature, -math.inf)
-    u = torch.rand(B, generator=generator)
-    explore = torch.rand(B, generator=generator) < config.explore
-    choice = torch.full((B,), -1, dtype=torch.long)
+    device = estimates.device  # the draws come from the session's CPU generator, then move beside the estimates
+    u = torch.rand(B, generator=generator).to(device)
+    explore = torch.rand(B, generator=generator).to(device) < config.explore
+    choice = torch.full((B,), -1, dtype=torch.long, device=device)
     for b in range(B):
         if explore[b] or not passing[:, b].any():
             continue
@@ -218,6 +219,14 @@ class _FirstCall:
         return self.denoiser(x, t, cond)
 
 
+def remaining(budget: Budget | None, started: float) -> Budget | None:
+    """What is left of ``budget`` at this moment of an inference that began at ``started`` (``time.perf_counter``):
+    its time shrinks by what was spent (at least one round still runs: a spent budget stops after it)."""
+    if budget is None or budget.time_s is None:
+        return budget
+    return Budget(budget.max_iterations, max(budget.time_s - (time.perf_counter() - started), 1e-9))
+
+
 def falcon_solve(
     state: FalconState,
     denoiser: Denoiser,
@@ -235,7 +244,8 @@ def falcon_solve(
     started = time.perf_counter()
     B, H = noise.x_T.shape[:2]
     T = schedule.num_steps
-    choice = torch.full((B,), -1, dtype=torch.long)
+    device = noise.x_T.device  # everything built here lives beside the policy's tensors
+    choice = torch.full((B,), -1, dtype=torch.long, device=device)
     candidates: list[FalconEntry] = []
     screen_eps = None
     screened_rounds = 0
@@ -243,7 +253,7 @@ def falcon_solve(
         candidates = falcon_candidates(falcon_age(state, schedule, shift, noise.x_T, H), schedule, config)
     if candidates:
         states = torch.stack([c.state for c in candidates])  # (C, B, H, A)
-        steps = torch.tensor([c.step for c in candidates])
+        steps = torch.tensor([c.step for c in candidates], device=device)
         rows = steps.repeat_interleave(B)
         flat = states.reshape(-1, *states.shape[2:])
         screen_eps = denoiser(flat, schedule.timesteps[rows], cond.repeat(len(candidates), 1))
@@ -254,8 +264,8 @@ def falcon_solve(
         valid = torch.stack([c.valid for c in candidates])
         choice = falcon_select(estimates, reference, T - steps, valid, H - shift, config, generator)
     sample = torch.empty_like(noise.x_T)
-    start_steps = torch.zeros(B, dtype=torch.long)
-    rounds = torch.zeros(B, dtype=torch.long)
+    start_steps = torch.zeros(B, dtype=torch.long, device=device)
+    rounds = torch.zeros(B, dtype=torch.long, device=device)
     nfe = screened_rounds * len(candidates) * B
     new_entries: list[FalconEntry] = []
     stops, residual = [], 0.0
@@ -271,18 +281,19 @@ def falcon_solve(
             start = candidates[c].state[idx]
             z = noise.z[first:, idx]
             call = _FirstCall(denoiser, start, schedule.timesteps[first].expand(len(idx)), screen_eps[c, idx])
-        result = solver.solve(call, chain, Noise(start, z), cond[idx], budget=budget)
+        # one budget for the whole inference: the screening call and the groups before this one are charged to it
+        result = solver.solve(call, chain, Noise(start, z), cond[idx], budget=remaining(budget, started))
         sample[idx] = result.sample
         start_steps[idx] = first
         spent = screened_rounds if c < 0 else 0
-        rounds[idx] = torch.tensor(result.rounds_per_row()) + spent
+        rounds[idx] = torch.tensor(result.rounds_per_row(), device=device) + spent
         nfe += result.nfe - getattr(call, "reused", 0)
         stops.append(result.stop_reason)
         residual = max(residual, result.residual)
         for j in range(result.trajectory.shape[0] - 1):  # every level this group passed through, for the buffer
             level = torch.zeros_like(noise.x_T)
             level[idx] = result.trajectory[j]
-            valid = torch.zeros(B, dtype=torch.bool)
+            valid = torch.zeros(B, dtype=torch.bool, device=device)
             valid[idx] = True
             new_entries.append(FalconEntry(first + j, level, valid))
     merged: dict[int, FalconEntry] = {}
