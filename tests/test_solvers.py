@@ -19,6 +19,10 @@ EXACT_SOLVERS = [
     ("newton", {"jacobian": "exact", "derivatives": "forward_ad"}, 1e-3),
     ("newton", {"jacobian": "chord"}, 1e-3),
     ("newton", {"jacobian": "broyden"}, 1e-3),
+    # The CPU runs free-shape rounds by default (solvers/base.py ROUND_SHAPES); the fixed ones (CUDA's) too:
+    ("paradigms", {"rounds": "fixed"}, 1e-3),
+    ("newton", {"jacobian": "exact", "rounds": "fixed"}, 1e-3),
+    ("newton", {"jacobian": "broyden", "rounds": "fixed"}, 1e-3),
 ]
 SAMPLERS = [("ddpm", 100), ("ddim", 16)]
 # Tightened tolerances: the solvers then agree with the sequential sampler to float32 round-off.

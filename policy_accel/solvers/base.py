@@ -23,6 +23,9 @@ from policy_accel.schedule import Schedule
 from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 
 # eps = denoiser(sample (N, H, A), timestep (N,), global_cond (N, C))
+# How a parallel solver shapes its rounds: "fixed" (same shapes every round: what CUDA graphs need, and cheap
+# launches on a GPU), "free" (only what can still change: fewer network rows on a CPU), "auto" (fixed on CUDA).
+ROUND_SHAPES = ("auto", "fixed", "free")
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -189,6 +192,11 @@ def evaluate_steps(
     eps = denoiser(flat, schedule.timesteps[rows], cond)
     out = schedule.step(flat, eps, rows)
     return out.view_as(states), eps.view_as(states)
+
+
+def free_rounds(rounds: str, device: torch.device) -> bool:
+    """Whether a solve on ``device`` uses free-shape rounds under the ``rounds`` option (see ROUND_SHAPES)."""
+    return rounds == "free" or (rounds == "auto" and device.type != "cuda")
 
 
 def step_noise(schedule: Schedule, noise: Noise) -> torch.Tensor:

@@ -18,11 +18,17 @@ a Newton update that shrinks quadratically gives a tiny r, so the new iterate is
 round spent re-checking it. Chord and Broyden iterations converge too unevenly for that estimate (it let
 closed-loop solves end 5.3e-3 off), so they always stop on the residual test.
 
-Fixed-shape rounds: every round evaluates all T steps of every batch row, so its shapes (and, on a GPU, its
-kernels) never change; states that are final, and rows that converged, are masked rather than removed, so each
-row still stops changing at the round a batch-1 solve of it would stop, and reports that round count. Per round
-the solver dispatches a fixed number of operators whatever T (buffers and views are built once per shape and
-reused across solves) and reads the device once, a per-row status vector (``check_every=k``: every k rounds).
+Round shapes (``rounds``, see ``ROUND_SHAPES`` in solvers/base.py):
+  * ``fixed`` (the default on CUDA): every round evaluates all T steps of every batch row, so its shapes (and, on a
+    GPU, its kernels) never change; per round the solver dispatches a fixed number of operators whatever T (buffers
+    and views are built once per shape and reused across solves), solves the linear recursion densely
+    (:class:`BlockRecursion`) and reads the device once, a per-row status vector (``check_every=k``: every k rounds).
+  * ``free`` (the default elsewhere): a round evaluates only the unfinished suffix, from the first step that is not
+    final in some unfinished row (its position is read with the status, every round), and runs the recursion over
+    that suffix as a loop of small products. A warm start that is already right up to step s costs T - s rows a
+    round instead of T.
+Either way, states that are final, and rows that converged, are masked rather than removed, so each row still
+stops changing at the round a batch-1 solve of it would stop, and reports that round count.
 
 Jacobian strategies:
   * ``exact``   - the Jacobian of the whole step at the current iterate, every round (D extra rows
@@ -51,6 +57,7 @@ from policy_accel.profiling import read_to_host
 from policy_accel.schedule import Schedule
 from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
+    ROUND_SHAPES,
     Budget,
     Clock,
     Denoiser,
@@ -63,6 +70,7 @@ from policy_accel.solvers.base import (
     check_inputs,
     check_state,
     evaluate_steps,
+    free_rounds,
     shift_chunk,
 )
 
@@ -357,7 +365,8 @@ class NewtonSolver:
     step_tolerance: PositiveFloat | None = 1e-4  # exact Jacobians: accept once the estimated remaining error is below
     recursion: Literal[RECURSIONS] = "loop"  # "loop" | "scan": block length of the linear recursion (BlockRecursion)
     derivatives: Literal[DERIVATIVES] = "finite_difference"  # | "forward_ad": how Jacobians are computed
-    check_every: PositiveInt = 1  # read the convergence status from the device every k rounds
+    check_every: PositiveInt = 1  # fixed rounds: read the convergence status from the device every k rounds
+    rounds: Literal[ROUND_SHAPES] = "auto"  # fixed | free | auto (fixed on CUDA, free elsewhere)
     max_rows: PositiveInt = 4096  # largest network call of a Jacobian round; more rows are split into calls
     name: str = "newton"
     exact_warm_start: bool = True
@@ -383,21 +392,53 @@ class NewtonSolver:
         m = self.max_rows
         return torch.cat([denoiser(x[i : i + m], t[i : i + m], c[i : i + m]) for i in range(0, n, m)])
 
-    def _jacobian_round(self, ws: _Workspace, denoiser: Denoiser, schedule: Schedule) -> torch.Tensor:
-        """Evaluate every step and its Jacobian; writes the negated Jacobians in place, returns step_j(y_j) + xi_j."""
+    def _jacobian_round(self, ws: _Workspace, denoiser: Denoiser, schedule: Schedule, lo: int) -> torch.Tensor:
+        """Evaluate steps lo..T-1 and their Jacobians; writes the negated Jacobians in place, returns
+        step_j(y_j) + xi_j for those steps."""
+        T, B, D = ws.T, ws.B, ws.D
         if ws.fd:
-            torch.add(ws.y_rep, ws.h_basis, out=ws.fd_pert)
-            eps = self._network(denoiser, ws.fd_in, ws.fd_t, ws.fd_cond)
-            ws.step(ws.fd_in, eps, ws.fd_coef, out=ws.fd_out)
-            torch.div(ws.fd_cols - ws.fd_base, -FINITE_DIFFERENCE_STEP, out=ws.negjac_cols)
-            return ws.fd_target + ws.xi
-        T, B = ws.T, ws.B
-        states = ws.traj[:-1]
-        steps = torch.arange(T, device=states.device)
+            if lo == 0:
+                torch.add(ws.y_rep, ws.h_basis, out=ws.fd_pert)
+                eps = self._network(denoiser, ws.fd_in, ws.fd_t, ws.fd_cond)
+                ws.step(ws.fd_in, eps, ws.fd_coef, out=ws.fd_out)
+                torch.div(ws.fd_cols - ws.fd_base, -FINITE_DIFFERENCE_STEP, out=ws.negjac_cols)
+                return ws.fd_target + ws.xi
+            n0 = lo * B
+            torch.add(ws.y_rep[n0:], ws.h_basis, out=ws.fd_pert[n0:])
+            # The suffix's perturbed rows, then its plain rows: two slices of the one buffer.
+            for a, b in ((n0 * D, T * B * D), (T * B * D + n0, T * B * (D + 1))):
+                eps = self._network(denoiser, ws.fd_in[a:b], ws.fd_t[a:b], ws.fd_cond[a:b])
+                ws.step(ws.fd_in[a:b], eps, tuple(c[a:b] for c in ws.fd_coef), out=ws.fd_out[a:b])
+            torch.div(ws.fd_cols[n0:] - ws.fd_base[n0:], -FINITE_DIFFERENCE_STEP, out=ws.negjac_cols[n0:])
+            return ws.fd_target[lo:] + ws.xi[lo:]
+        states = ws.traj[lo:-1]
+        steps = torch.arange(lo, T, device=states.device)
         cond = ws.plain_cond[:B]
         stepped, jac = step_jacobians(denoiser, schedule, states, steps, cond, self.derivatives, self.max_rows)
-        torch.neg(jac, out=ws.negjac)
-        return stepped.reshape(T, B, ws.D, 1) + ws.xi
+        torch.neg(jac, out=ws.negjac[lo:])
+        return stepped.reshape(T - lo, B, D, 1) + ws.xi[lo:]
+
+    def _plain_round(self, ws: _Workspace, denoiser: Denoiser, lo: int) -> torch.Tensor:
+        """Evaluate steps lo..T-1 without Jacobians; returns step_j(y_j) + xi_j for those steps."""
+        if lo == 0:
+            eps = denoiser(ws.y_in, ws.plain_t, ws.plain_cond)
+            ws.step(ws.y_in, eps, ws.plain_coef, out=ws.plain_out)
+            return ws.plain_target + ws.xi
+        n0 = lo * ws.B
+        eps = denoiser(ws.y_in[n0:], ws.plain_t[n0:], ws.plain_cond[n0:])
+        ws.step(ws.y_in[n0:], eps, tuple(c[n0:] for c in ws.plain_coef), out=ws.plain_out[n0:])
+        return ws.plain_target[lo:] + ws.xi[lo:]
+
+    @staticmethod
+    def _suffix_recursion(ws: _Workspace, r: torch.Tensor, use: torch.Tensor, lo: int) -> torch.Tensor:
+        """Free rounds: -d over steps lo..T-1 (offsets -c = ``r`` (L, B, D, 1)), one small product per step:
+        e_{j+1} = r_j - N_j e_j with N = -J the stored negated Jacobians, zeroed for rows where ``use`` is False."""
+        negjac = torch.where(use, ws.negjac[lo:], ws.rec.zero)
+        out = torch.empty_like(r)
+        out[0] = r[0]
+        for j in range(1, r.shape[0]):
+            torch.baddbmm(r[j], negjac[j], out[j - 1], alpha=-1, out=out[j])
+        return out
 
     def solve(
         self,
@@ -414,6 +455,8 @@ class NewtonSolver:
         check_state(carry, schedule, noise)
         T, B = schedule.num_steps, noise.x_T.shape[0]
         clock = Clock(budget, T)
+        free = free_rounds(self.rounds, noise.x_T.device)
+        check_every = 1 if free else self.check_every  # free rounds read the suffix's start every round
         ws = self._workspace(schedule, noise)
         carried = carry.jacobians if isinstance(carry, NewtonState) and self.jacobian != "exact" else None
         ws.start(noise, global_cond, init, None if carried is None else -carried)
@@ -427,53 +470,69 @@ class NewtonSolver:
         row_rounds: list[int | None] = [None] * B
         status: list[float] = []
         iterations = nfe = 0
-        prev_target = None
+        prev_target, prev_lo = None, 0
+        lo = 0  # free rounds: every state y_0..y_lo is final in every unfinished row; fixed rounds: always 0
         stop = None
         while stop is None:
             if self.jacobian == "exact" or not have_jacobians:
-                target = self._jacobian_round(ws, denoiser, schedule)
+                target = self._jacobian_round(ws, denoiser, schedule, lo)
                 have_jacobians = True
-                nfe += T * B * (ws.D + 1)
+                nfe += (T - lo) * B * (ws.D + 1)
             else:
-                eps = denoiser(ws.y_in, ws.plain_t, ws.plain_cond)
-                ws.step(ws.y_in, eps, ws.plain_coef, out=ws.plain_out)
-                target = ws.plain_target + ws.xi
-                nfe += T * B
+                target = self._plain_round(ws, denoiser, lo)
+                nfe += (T - lo) * B
                 if self.jacobian == "broyden" and prev_target is not None:
-                    self._broyden_update(ws, target - prev_target)
+                    self._broyden_update(ws, target - prev_target[lo - prev_lo :], lo)
             iterations += 1
-            r = ws.y_out - target  # (T, B, D, 1): minus this round's one-step residuals, the (negated) Newton offsets
-            err = torch.where(final, 0.0, torch.linalg.vector_norm(r, float("inf"), dim=(2, 3), keepdim=True))
+            y_out = ws.y_out[lo:] if lo else ws.y_out
+            r = y_out - target  # (L, B, D, 1): minus this round's one-step residuals, the (negated) Newton offsets
+            known = final[lo:] if lo else final
+            err = torch.where(known, 0.0, torch.linalg.vector_norm(r, float("inf"), dim=(2, 3), keepdim=True))
             bad = err > self.tolerance  # a NaN residual is caught by the status below, never passes as converged
             count = bad.cumsum(0)
             # Newton update from each row's first unsatisfied step (its inputs are final, so its new value is
             # exact); rows whose residual grew take a plain step update (J = 0) instead.
-            torch.where(count > 0, r, ws.rec.zero, out=ws.rec.offsets)
             residual = err.amax(0, keepdim=True)  # (1, B, 1, 1)
             use = residual <= prev_residual
             prev_residual = residual
-            ws.rec.load(use)
-            delta = ws.rec.solve()  # minus the update
-            ws.y_out.sub_(delta)
-            final = count <= bad  # every step up to the first unsatisfied one is now exact
+            if free:
+                delta = self._suffix_recursion(ws, torch.where(count > 0, r, ws.rec.zero), use, lo)
+            else:
+                torch.where(count > 0, r, ws.rec.zero, out=ws.rec.offsets)
+                ws.rec.load(use)
+                delta = ws.rec.solve()  # minus the update
+            y_out.sub_(delta)
+            known = count <= bad  # every step up to the first unsatisfied one is now exact
             if exact_estimate:
                 # Accepted without another round when the updates contract fast enough: with u this update, p the
                 # last, rate u/p, remaining error ~ u rate / (1 - rate) <= tol <=> tol u + u^2 < tol p.
                 u = torch.linalg.vector_norm(delta, float("inf"), dim=(0, 2, 3), keepdim=True)
                 tol_u = self.step_tolerance * u
-                final = final | (torch.addcmul(tol_u, u, u) < prev_update)
+                known = known | (torch.addcmul(tol_u, u, u) < prev_update)
                 prev_update = torch.where(use, tol_u, -1.0)  # tol p; -1: no estimate after a plain step update
+            final = torch.cat([final[:lo], known]) if lo else known
             row_done = final.all(0, keepdim=True)
             if self.jacobian == "broyden":
-                ws._ds_tail.copy_(ws._delta_head)
-                prev_target = target
+                if lo:  # states y_0..y_lo did not move
+                    ws.ds[: lo + 1].zero_()
+                    ws.ds[lo + 1 :].copy_(delta[:-1])
+                else:
+                    ws._ds_tail.copy_(ws._delta_head if not free else delta[:-1])
+                prev_target, prev_lo = target, lo
             if trace is not None:
                 trace(RoundTrace(iterations, ws.traj, residual.view(B), row_done.view(B)))
             reason = clock.exhausted(iterations)
-            if iterations % self.check_every and reason is None:
+            if iterations % check_every and reason is None:
                 continue
-            # One host read: per row, the residual while it runs, -1 once it is done, NaN if non-finite.
-            status = read_to_host(torch.minimum(residual, torch.where(row_done, -1.0, float("inf"))))
+            # One host read: per row, the residual while it runs, -1 once it is done, NaN if non-finite (free
+            # rounds: then the number of leading steps final in every row).
+            row_status = torch.minimum(residual, torch.where(row_done, -1.0, float("inf"))).view(B)
+            if free:
+                leading = final.view(T, B).all(1).cumprod(0).sum().to(row_status.dtype)
+                *status, leading = read_to_host(torch.cat([row_status, leading.view(1)]))
+                lo = min(int(leading), T - 1)
+            else:
+                status = read_to_host(row_status)
             for b, v in enumerate(status):
                 if v < 0 and row_rounds[b] is None:
                     row_rounds[b] = iterations
@@ -500,12 +559,12 @@ class NewtonSolver:
         )
 
     @staticmethod
-    def _broyden_update(ws: _Workspace, df: torch.Tensor) -> None:
-        """Good Broyden per step and row, on the negated Jacobians N = -J in place:
+    def _broyden_update(ws: _Workspace, df: torch.Tensor, lo: int) -> None:
+        """Good Broyden per step lo..T-1 and row, on the negated Jacobians N = -J in place:
         J + (df - J ds) ds^T / |ds|^2, skipped where |ds|^2 <= 1e-20 (the state did not move). The buffer holds
         s = -ds (the recursion returns minus the update), so N + (df - N s) s^T / |s|^2 is the same update."""
-        s = ws.ds
-        rb = df - torch.einsum("tbij,tbjx->tbix", ws.negjac, s)
+        s, negjac = (ws.ds[lo:], ws.negjac[lo:]) if lo else (ws.ds, ws.negjac)
+        rb = df - torch.einsum("tbij,tbjx->tbix", negjac, s)
         n2 = torch.einsum("tbdx,tbdy->tbxy", s, s)
         inv = (n2 > 1e-20) / n2.clamp(min=1e-20)
-        ws.negjac.add_(torch.einsum("tbix,tbjx,tbxy->tbij", rb, s, inv))
+        negjac.add_(torch.einsum("tbix,tbjx,tbxy->tbij", rb, s, inv))

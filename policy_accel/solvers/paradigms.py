@@ -7,17 +7,22 @@ iterations is small against that step's noise scale, ``|dy|^2 / D <= tau^2 * var
 slides past the leading converged states, plus one (that state's inputs had converged, so its new
 value is exact). The stride is always >= 1, so a solve never takes more than T iterations.
 
-Fixed-shape rounds: the window is gathered by a device index, so every round has the same shapes and makes no
-host read but the convergence status (``check_every=k``: every k rounds); a window that runs past the last step
-evaluates padding steps whose changes never count. New window states start from the cold guess (copies of x_T,
-ParaDiGMS' own initialisation; an earlier version continued the chain with the last network output held fixed,
-a sequential loop per round that saved about 2 of ~29 rounds at DDPM-100, window 16).
+Two round shapes (``rounds``, see ``ROUND_SHAPES`` in solvers/base.py):
+  * ``fixed`` (the default on CUDA, where graphs need it): the window is gathered by a device index, so every round
+    has the same shapes and makes no host read but the convergence status (``check_every=k``: every k rounds); a
+    window that runs past the last step evaluates padding steps whose changes never count, and new window states
+    start from the cold guess (copies of x_T, ParaDiGMS' own initialisation).
+  * ``free`` (the default elsewhere): the window is a slice that shrinks at the end of the chain, so a round
+    evaluates only live steps; states entering the window continue the chain with the last network output held
+    fixed (plus their own noise), a better guess than copies of x_T (about 2 of ~30 rounds fewer at DDPM-100,
+    window 16). The window position is read from the device every round (``check_every`` does not apply).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -25,6 +30,7 @@ from policy_accel.profiling import read_to_host
 from policy_accel.schedule import Schedule
 from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
+    ROUND_SHAPES,
     Budget,
     Clock,
     Denoiser,
@@ -36,6 +42,10 @@ from policy_accel.solvers.base import (
     SolveState,
     check_inputs,
     check_state,
+    cold_trajectory,
+    evaluate_steps,
+    free_rounds,
+    step_noise,
 )
 
 
@@ -85,7 +95,8 @@ class ParadigmsSolver:
 
     window: PositiveInt = 16
     tolerance: PositiveFloat = 0.01  # ParaDiGMS uses 0.1; measured here it let one of 30 PushT solves end 0.53 off
-    check_every: PositiveInt = 1  # read the convergence status from the device every k rounds
+    check_every: PositiveInt = 1  # fixed rounds: read the convergence status from the device every k rounds
+    rounds: Literal[ROUND_SHAPES] = "auto"  # fixed | free | auto (fixed on CUDA, free elsewhere)
     name: str = "paradigms"
     # Its stopping test compares successive iterates, which a good initial guess passes early (0.24 off on Can).
     exact_warm_start: bool = False
@@ -117,6 +128,8 @@ class ParadigmsSolver:
     ) -> SolveResult:
         check_inputs(schedule, noise, global_cond, init)
         check_state(carry, schedule, noise)
+        if free_rounds(self.rounds, noise.x_T.device):
+            return self._solve_free(denoiser, schedule, noise, global_cond, init, budget, trace)
         T, B = schedule.num_steps, noise.x_T.shape[0]
         clock = Clock(budget, T)
         ws = self._workspace(schedule, noise)
@@ -181,4 +194,74 @@ class ParadigmsSolver:
             wall_time_s=clock.elapsed(),
             stop_reason=stop,
             state=SolveState(trajectory),
+        )
+
+    def _solve_free(
+        self,
+        denoiser: Denoiser,
+        schedule: Schedule,
+        noise: Noise,
+        global_cond: torch.Tensor,
+        init: torch.Tensor | None,
+        budget: Budget | None,
+        trace: RoundHook | None,
+    ) -> SolveResult:
+        """Free-shape rounds: the live window only, new states continuing the chain (module docstring)."""
+        T, B = schedule.num_steps, noise.x_T.shape[0]
+        D = noise.x_T[0].numel()
+        clock = Clock(budget, T)
+        xi = step_noise(schedule, noise)
+        traj = cold_trajectory(noise, T) if init is None else init.clone()
+        traj[0] = noise.x_T
+        # sqrt of the tolerance scale per state, as on fixed rounds (y_T never blocks).
+        scale = torch.cat([1.0 / schedule.variance, schedule.variance.new_tensor([1e30])]).div(D).sqrt()
+        steps = torch.arange(T, device=traj.device)
+        p = min(self.window, T)
+        begin, end = 0, p
+        iterations = nfe = 0
+        worst = float("inf")
+        stop = None
+        while stop is None:
+            states = traj[begin:end]
+            stepped, eps = evaluate_steps(denoiser, schedule, states, steps[begin:end], global_cond)
+            iterations += 1
+            nfe += (end - begin) * B
+            new = traj[begin] + torch.cumsum(stepped - states + xi[begin:end], dim=0)
+            change = torch.linalg.vector_norm(new - traj[begin + 1 : end + 1], dim=tuple(range(2, new.ndim)))
+            err = change * scale[begin + 1 : end + 1, None]  # (L, B): sqrt(|dy|^2 / D / var)
+            violated = (err > self.tolerance).any(dim=1)  # NaN never violates; `worst` below catches it
+            traj[begin + 1 : end + 1] = new
+            # One host read: how many leading states converged, and the worst scaled change (NaN if non-finite).
+            first, worst = read_to_host(torch.stack([(violated.cumsum(0) == 0).sum().to(err.dtype), err.amax()]))
+            new_begin = begin + min(int(first) + 1, p)
+            new_end = min(new_begin + p, T)
+            if trace is not None:
+                trace(RoundTrace(iterations, traj, err.amax(0), torch.full((B,), new_begin >= T)))
+            if not math.isfinite(worst):
+                stop = "non_finite"
+            elif new_begin >= T:
+                stop = "converged"
+            elif (reason := clock.exhausted(iterations)) is not None:
+                stop = reason
+                if init is None and end < T:
+                    # States past the window were never evaluated: the clean sample predicted at the last
+                    # evaluated state is a better anytime estimate.
+                    traj[end + 1 :] = schedule.predict_x0(states[-1], eps[-1], steps[end - 1 : end].expand(B))
+            elif init is None and new_end > end:
+                # New window states continue the chain from y_end with the last network output held fixed.
+                y = traj[end]
+                for k in range(end, new_end):
+                    y = schedule.step(y, eps[-1], steps[k : k + 1].expand(B)) + xi[k]
+                    traj[k + 1] = y
+            begin, end = new_begin, new_end
+        return SolveResult(
+            sample=traj[-1],
+            trajectory=traj,
+            iterations=iterations,
+            nfe=nfe,
+            converged=stop == "converged",
+            residual=0.0 if stop == "converged" else worst,
+            wall_time_s=clock.elapsed(),
+            stop_reason=stop,
+            state=SolveState(traj.clone()),
         )
