@@ -49,6 +49,7 @@ from policy_accel.experiment.outputs import (  # noqa: E402
     write_text_atomic,
 )
 from policy_accel.experiment.results import load_results, pareto  # noqa: E402
+from policy_accel.warm_starts import warm_start_of  # noqa: E402
 
 log = logging.getLogger("front")
 BUDGETS_MS = (5, 7.5, 10, 15, 20, 30, 40, 80, 160)
@@ -93,11 +94,7 @@ def config_overrides(row: dict) -> list[str]:
     if name is not None:
         return [f"+experiment={name}"]
     # Older results.json without overrides or experiment: rebuild them from the recorded fields.
-    warm = row["warm_start"]
-    out = [f"solver={row['solver']}", f"policy={row['policy']}"]
-    out.append(f"warm_start={warm}" if isinstance(warm, str) else f"warm_start={str(bool(warm)).lower()}")
-    if row.get("renoise_steps") is not None:
-        out.append(f"renoise_steps={row['renoise_steps']}")
+    out = [f"solver={row['solver']}", f"policy={row['policy']}", *warm_start_of(row).overrides()]
     if row.get("noise", "fresh") != "fresh":
         out.append(f"solver.noise={row['noise']}")
     out += [f"solver.options.{k}={v}" for k, v in (row.get("solver_options") or {}).items()]

@@ -51,6 +51,7 @@ from policy_accel.errors import ConfigError, UserError, report_user_errors
 from policy_accel.experiment.build import SessionSetup, run_id
 from policy_accel.experiment.outputs import claim_out_dir, write_json_atomic, write_text_atomic
 from policy_accel.experiment.realtime import build_controller, build_realtime_session
+from policy_accel.experiment.results import options_cell
 from policy_accel.experiment.results_schema import SCHEMA_VERSION
 from policy_accel.experiment.tasks import env_factory
 
@@ -143,19 +144,25 @@ def _stats(values_s, scale: float = 1e3) -> dict:
     }
 
 
-def offline_score(cfg: DictConfig) -> dict | None:
-    """The offline rollout's score for this policy/solver/warm/noise from a benchmark results.csv, if any."""
+def offline_score(cfg: DictConfig, setup: SessionSetup) -> dict | None:
+    """The offline rollout's score for this configuration (policy, solver, noise, and the warm start with its
+    ``renoise_steps`` and options) from a benchmark results.csv, if any. A results.csv from before those columns
+    matches only configurations without them."""
     path = Path(cfg.offline_results) if cfg.offline_results else None
     if path is None or not path.exists():
         return None
+    warm = setup.session.warm.record()
+    want = {
+        "policy": cfg.policy.name,
+        "solver": cfg.solver.name,
+        "warm_start": str(warm["warm_start"]),
+        "noise": cfg.solver.noise,
+        "renoise_steps": "" if warm["renoise_steps"] is None else str(warm["renoise_steps"]),
+        "warm_options": options_cell(warm["warm_options"]),
+    }
     with path.open() as f:
         for row in csv.DictReader(f):
-            if (
-                row["policy"] == cfg.policy.name
-                and row["solver"] == cfg.solver.name
-                and row["warm_start"] == str(cfg.warm_start)
-                and row["noise"] == cfg.solver.noise
-            ):
+            if all((row.get(key) or "") == value for key, value in want.items()):
                 return {"source": str(path), "label": row["label"], "score": float(row["score"]),
                         "success_rate": float(row["success_rate"]), "n_episodes": int(row["n_episodes"])}  # fmt: skip
     return None
@@ -176,7 +183,7 @@ def summarize(
     late = np.concatenate([e.late_s for e in episodes])
     bounded = [i for i in inferences if i.needed_at is not None]  # the first chunk of an episode is unbounded
     score = float(np.mean([e.max_reward for e in episodes]))
-    offline = offline_score(cfg)
+    offline = offline_score(cfg, setup)
     missed = int(sum(e.misses for e in episodes))
     overruns = int((late > dt / 2).sum())
     # a tick both served by the fallback and woken late is one missed tick, not two
@@ -188,9 +195,7 @@ def summarize(
         "solver": cfg.solver.name,
         "policy": cfg.policy.name,
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": setup.warm_start,
-        "renoise_steps": setup.session.renoise_steps,
-        "tail_fill": setup.session.tail_fill,
+        **setup.session.warm.record(),  # warm_start, renoise_steps, warm_options, tail_fill
         "checkpoint": setup.checkpoint,
         "approximate": setup.session.approximate or any(not i.converged for i in bounded),
         "noise": cfg.solver.noise,

@@ -9,7 +9,7 @@
 
 Writes ``results.json`` (score = mean over episodes of max reward, success rate, per-inference
 latency and iteration statistics, per-episode results) into the run directory, with what reproduces
-and labels it: ``approximate`` (true for ``warm_start=renoise``: not the sampler's output for any noise; and for
+and labels it: ``approximate`` (true for an approximate warm start: re-noise, RTI-DP, Falcon, ...; and for
 warm-started paradigms, whose stopping test a good guess passes early; and for any run in which an inference
 stopped at its budget before converging),
 ``overrides`` (this job's command-line overrides), ``experiment`` and ``hardware``.
@@ -21,7 +21,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -70,12 +69,6 @@ def job_overrides() -> tuple[list[str], str | None]:
     return list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("experiment")
 
 
-def warm_options(session) -> dict | None:
-    """The knobs of an rti / falcon warm start as the session validated them (None for other warm starts)."""
-    config = session.rti or session.falcon
-    return None if config is None else {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-
-
 def run_identity(cfg: DictConfig, setup: SessionSetup, env_batch: int) -> dict:
     """Every setting that changes a result, as results.json records it: runs are the same only if all agree."""
     budget = setup.session.budget
@@ -86,10 +79,7 @@ def run_identity(cfg: DictConfig, setup: SessionSetup, env_batch: int) -> dict:
         "policy": cfg.policy.name,
         "schedule": setup.schedule.describe(),
         "solver_options": OmegaConf.to_container(cfg.solver.options),
-        "warm_start": setup.warm_start,
-        "renoise_steps": setup.session.renoise_steps,
-        "warm_options": warm_options(setup.session),
-        "tail_fill": setup.session.tail_fill,
+        **setup.session.warm.record(),  # warm_start, renoise_steps, warm_options, tail_fill
         "noise": setup.session.noise,
         "budget": {
             "max_iterations": None if budget is None else budget.max_iterations,
@@ -171,12 +161,13 @@ def rollout(cfg: DictConfig) -> dict:
             native.kind,
             native.num_inference_steps,
         )
-    if session.renoise:
+    if session.approximate:  # whatever makes it so: the warm start, a warm solver's stopping test, the engine
         log.warning(
-            "APPROXIMATE warm start (renoise, last %d of %d steps): chunks are not the sampler's output for any "
-            "noise; results.json records approximate=true",
-            session.renoise_steps,
-            schedule.num_steps,
+            "APPROXIMATE configuration (%s, engine %s %s): chunks are not the sampler's output for their noise; "
+            "results.json records approximate=true",
+            " ".join(session.warm.overrides()),
+            policy.engine.name,
+            policy.engine.precision,
         )
     # Held from before the directory is read until the last write (released on any exit): a concurrent run into
     # the same directory is refused at once instead of overwriting this one's results.

@@ -1,18 +1,10 @@
-"""Closed-loop inference: observation history in, executed action chunk out, with optional warm starts.
+"""Closed-loop inference: observation history in, executed action chunk out, with a warm start across steps.
 
-Warm start: the robot executed ``n_action_steps`` actions since the previous inference, so the
-previous trajectory (every denoising level) is shifted by that many positions along the horizon
-and handed to the solver as its initial guess (Newton also gets the previous Jacobians, shifted
-alike). The new tail positions (``tail_fill``):
-  * ``repeat`` - each level repeats its last position.
-  * ``chain``  - the sampler's chain run for the tail alone with this inference's noise, the denoiser
-                 replaced by one that predicts the previous chunk's last action as the clean sample.
-                 The repeated tail ignores the tail's fresh noise, so its first residual is O(1)
-                 (3 normalized units on PushT); the chain's is ~0.07. It costs no network call, but Newton
-                 repairs a repeated tail in its first round anyway: exact Newton on one PushT episode
-                 took 5.71 rounds per inference with it against 5.82 (reports/closed_loop_gpu/README.md).
-Either way the solver still solves the chain for *this* inference's noise to its tolerance, so a
-warm start changes the cost, never the answer.
+The warm start (``policy_accel/warm_starts.py``: cold, exact, tail restarts (re-noise, RTI-DP), Falcon) prepares each
+inference's chain from the previous result and may own the solve; the session draws the noise, runs the plan below
+as one straight line, and labels the run: ``session.approximate`` is True when its chunks are not (reliably) the
+sampler's output for their noise (an approximate warm start, a warm solver whose stopping test a good guess fools,
+or a reduced-precision engine), and every report labels such runs.
 
 Noise policy (for every solver, sequential included, so runs compare on the same noise):
   * ``fresh``   - new noise at every inference.
@@ -22,18 +14,7 @@ Noise policy (for every solver, sequential included, so runs compare on the same
                   noise), like a temporally consistent policy. Identical noise at every inference
                   is not offered: it makes the policy deterministic and it can stall forever.
 
-APPROXIMATE warm start ``warm_start="renoise"`` (with ``renoise_steps=k``): the previous final sample
-is shifted like above, re-noised to the level of the schedule's step ``T-k`` with the forward process
-q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eps = this inference's x_T draw), and only the
-schedule's last ``k`` steps are run (``Schedule.tail(k)``, with the solver the session holds). This
-changes the sampling distribution: the result is not the sampler's output for any noise, so it trades
-exactness for k network calls per control step (the idea of streaming / real-time-iteration diffusion
-policies). ``session.approximate`` is True (also for warm-started paradigms, which is not reliably exact)
-and every report labels such runs. The first inference of an episode is a full cold solve.
-
-APPROXIMATE published warm starts (``policy_accel/warm_starts.py``, knobs in ``warm_options``): ``warm_start="rti"``
-(RTI-DP: the shifted previous clean chunk run through the schedule's last steps without re-noising) and
-``warm_start="falcon"`` (Falcon: restart from a buffered partially denoised chunk chosen by a one-step threshold rule).
+The first inference of an episode (and the first after the batch size changes) is always cold.
 """
 
 from __future__ import annotations
@@ -51,15 +32,12 @@ from policy_accel.errors import CheckpointError, ObservationError
 from policy_accel.observations import ObservationHistory, check_observation
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
-from policy_accel.schema import PositiveInt, check_mapping, check_value
-from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, SolveState, step_noise
+from policy_accel.schema import PositiveInt, check_value
+from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult
 from policy_accel.solvers.sequential import SequentialSolver, fused_chain
-from policy_accel.warm_starts import FalconConfig, FalconState, RTIConfig, falcon_solve, rti_chain
+from policy_accel.warm_starts import TAIL_FILLS, WarmStart, make_warm_start, shift_filled
 
 NOISE_POLICIES = ("fresh", "coupled")
-TAIL_FILLS = ("repeat", "chain")
-# off | exact (same answer, cheaper) | approximate: re-noise + last k steps, RTI-DP, Falcon (warm_starts.py)
-WARM_STARTS = (False, True, "renoise", "rti", "falcon")
 # The constructor's schema (policy_accel/schema.py): check_exactness="no" would read as true, seed=1.5 fail in torch.
 _ARGUMENTS = {
     "noise": Literal[NOISE_POLICIES],
@@ -100,24 +78,6 @@ class Plan(NamedTuple):
     record: InferenceRecord
 
 
-def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, added_noise: torch.Tensor) -> torch.Tensor:
-    """The chain (T+1, *x_T.shape) from ``x_T`` with per-step noise ``added_noise`` (T, ...) for a denoiser that
-    predicts ``clean`` (shaped like ``x_T``) at every level: each step's epsilon maps its state to ``clean``."""
-    out = torch.empty((schedule.num_steps + 1, *x_T.shape), dtype=x_T.dtype, device=x_T.device)
-    out[0] = x_T
-    rows = torch.zeros(x_T.shape[0], dtype=torch.long, device=x_T.device)
-    for j in range(schedule.num_steps):
-        eps = (out[j] - schedule.sqrt_alpha_prod[j] * clean) / schedule.sqrt_beta_prod[j]
-        out[j + 1] = schedule.step(out[j], eps, rows + j) + added_noise[j]
-    return out
-
-
-def shift_horizon(x: torch.Tensor, shift: int, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Shift ``x`` (..., H, A) left by ``shift`` along H; the tail repeats the last entry or takes ``fill``."""
-    tail = x[..., -1:, :].expand(*x.shape[:-2], shift, x.shape[-1]) if fill is None else fill
-    return torch.cat([x[..., shift:, :], tail], dim=-2)
-
-
 class Session:
     """Runs a :class:`DiffusionPolicy` with one solver at every control step of a batch of episodes."""
 
@@ -126,7 +86,7 @@ class Session:
         policy: DiffusionPolicy,
         solver: Solver,
         schedule: Schedule,
-        warm_start: bool | str = False,
+        warm_start: bool | str | WarmStart = False,
         noise: str = "fresh",
         budget: Budget | None = None,
         seed: int = 0,
@@ -135,58 +95,26 @@ class Session:
         tail_fill: str = "repeat",
         warm_options: dict | None = None,
     ):
+        """``warm_start``: a :class:`~policy_accel.warm_starts.WarmStart`, or a config's ``warm_start`` value with
+        its ``renoise_steps`` / ``tail_fill`` / ``warm_options`` (:func:`~policy_accel.warm_starts.make_warm_start`).
+        """
         arguments = locals()
         for name, hint in _ARGUMENTS.items():  # each one line naming the argument
             check_value(arguments[name], hint, name)
-        if not any(warm_start is w or (isinstance(w, str) and warm_start == w) for w in WARM_STARTS):
-            raise ValueError(
-                f"unknown warm_start {warm_start!r}; valid: false, true (exact), renoise, rti, falcon (approximate)"
-            )
-        if warm_start == "renoise":
-            if renoise_steps is None or not 1 <= renoise_steps <= schedule.num_steps:
-                raise ValueError(
-                    f"warm_start='renoise' needs renoise_steps in [1, {schedule.num_steps}] (the schedule's last "
-                    f"steps to run), got {renoise_steps!r}"
-                )
-        elif renoise_steps is not None:
-            raise ValueError(f"renoise_steps={renoise_steps} is only used with warm_start='renoise'")
-        self.rti = self.falcon = None  # the published approximate warm starts' knobs (policy_accel/warm_starts.py)
-        if warm_start in ("rti", "falcon"):
-            options = dict(warm_options or {})
-            cls = RTIConfig if warm_start == "rti" else FalconConfig
-            check_mapping(options, cls, f"{warm_start}.", owner=f"warm_start={warm_start!r}")
-            if warm_start == "rti":
-                self.rti = RTIConfig(**options)
-                self.rti.validate(schedule, policy.config.action_dim)
-            else:
-                self.falcon = FalconConfig(**options)
-                self.falcon.validate(schedule)
-        elif warm_options:
-            raise ValueError(f"warm_options {warm_options} are only used with warm_start='rti' or 'falcon'")
-        # Warm paradigms' stopping test compares successive iterates: not reliably exact (0.24 off on Can).
-        unreliable_warm_start = warm_start is True and not solver.exact_warm_start
-        if unreliable_warm_start:
-            log.warning(
-                f"warm-started {solver.name} is not reliably exact: its stopping test compares successive iterates, "
-                "which a good guess passes early (measured up to 0.24 off at tau 0.01); its results are labelled "
-                "approximate; prefer solver=newton"
-            )
+        if isinstance(warm_start, WarmStart):
+            self.warm = warm_start
+        else:
+            self.warm = make_warm_start(warm_start, renoise_steps, tail_fill, warm_options)
+        self.warm.bind(schedule, policy.config.action_dim, solver)
         self.policy = policy
         self.noise = noise
         self.check_exactness = check_exactness
         self._reference = SequentialSolver()
         self.solver = solver
         self.schedule = schedule
-        self.warm_start = warm_start
-        self.tail_fill = tail_fill
-        self.renoise_steps = renoise_steps
-        self.renoise = warm_start == "renoise"
         # True when the session's chunks are not (reliably) the sampler's output for their noise: labelled in every
         # report and kept out of exact fronts. A reduced-precision engine (bf16) is such an approximation too.
-        self.approximate = (
-            self.renoise or unreliable_warm_start or warm_start in ("rti", "falcon") or policy.engine.approximate
-        )
-        self._tail = schedule.tail(renoise_steps) if self.renoise else None
+        self.approximate = self.warm.approximate(solver) or policy.engine.approximate
         self.prepare()
         self.budget = budget
         self.generator = torch.Generator().manual_seed(seed)
@@ -194,8 +122,8 @@ class Session:
 
     def reset(self, seed: int | None = None) -> None:
         """Forget the episode (previous solve, observation history, queued actions); optionally reseed the noise."""
-        self._previous: tuple[SolveResult, Noise] | None = None
-        self._falcon_state = FalconState()
+        self.warm.reset()
+        self._previous_noise: Noise | None = None
         self._histories: list[ObservationHistory] = []
         self._queue: deque[np.ndarray] = deque()
         self.last_plan: Plan | None = None
@@ -219,43 +147,22 @@ class Session:
             self._queue.extend(np.swapaxes(self.last_plan.actions, 0, 1))  # one (B, action_dim) per step
         return self._queue.popleft()
 
-    def _noise_and_init(self, batch: int) -> tuple[Noise, torch.Tensor | None, SolveState | None]:
-        """This inference's noise (by the noise policy) and, for an exact warm start, the solver's initial guess."""
+    def _noise(self, batch: int) -> Noise:
+        """This inference's noise by the noise policy (the generator is consumed alike whatever the warm start). A
+        batch of another size than the previous inference's starts a new episode: the warm start forgets it."""
         fresh = self.policy.draw_noise(self.schedule, batch, self.generator)
-        if self._previous is None or self._previous[1].x_T.shape[0] != batch:
-            return fresh, None, None
-        result, previous_noise = self._previous
-        shift, horizon = self.policy.config.n_action_steps, self.policy.config.horizon
-        noise = fresh
-        if self.noise == "coupled":
-            keep = horizon - shift
-            noise = Noise(
-                shift_horizon(previous_noise.x_T, shift, fresh.x_T[..., keep:, :]),
-                shift_horizon(previous_noise.z, shift, fresh.z[..., keep:, :]),
-            )
-        if self.warm_start is not True:  # off, or renoise (which needs no initial trajectory)
-            return noise, None, None
-        # The solver's warm state (trajectory, plus e.g. Newton's Jacobians) shifted by the executed actions.
-        state = (result.state or SolveState(result.trajectory)).shifted(shift)
-        init = state.trajectory
-        init[0] = noise.x_T
-        if self.tail_fill == "chain":
-            keep = horizon - shift
-            clean = result.sample[:, -1:, :].expand(-1, shift, -1)
-            tail_noise = step_noise(self.schedule, noise)[:, :, keep:, :]
-            init[:, :, keep:, :] = tail_chain(self.schedule, clean, noise.x_T[:, keep:, :], tail_noise)
-        return noise, init, state
-
-    def _renoised_chain(self, previous_sample: torch.Tensor, noise: Noise) -> tuple[Schedule, Noise]:
-        """APPROXIMATE warm start: the shifted previous sample re-noised to the tail's first level, and the tail.
-
-        The re-noising draw is this inference's ``x_T`` and the tail steps keep their own ``z`` rows, so the
-        generator is consumed exactly as in a cold solve (and the noise policy applies unchanged).
-        """
-        tail = self._tail
-        x0 = shift_horizon(previous_sample, self.policy.config.n_action_steps)
-        start = tail.add_noise(x0, noise.x_T, 0)
-        return tail, Noise(start, noise.z[noise.z.shape[0] - tail.num_steps :])
+        previous = self._previous_noise
+        if previous is None or previous.x_T.shape[0] != batch:
+            self.warm.reset()
+            return fresh
+        if self.noise == "fresh":
+            return fresh
+        shift = self.policy.config.n_action_steps
+        keep = self.policy.config.horizon - shift
+        return Noise(
+            shift_filled(previous.x_T, shift, fresh.x_T[..., keep:, :]),
+            shift_filled(previous.z, shift, fresh.z[..., keep:, :]),
+        )
 
     def _raise_non_finite(self, result: SolveResult, cond: torch.Tensor) -> None:
         """Name the cause of non-finite actions: the policy's weights or normalizers (changed since loading), an
@@ -281,9 +188,8 @@ class Session:
         sampler and re-noise tail): now, before a control loop, never inside its first inference. Call it again
         after changing the policy's engine."""
         if self.solver.name == "sequential":
-            for chain in (self.schedule, self._tail):
-                if chain is not None:
-                    fused_chain(self.policy.denoiser, chain, compile=True)
+            for chain in self.warm.chains(self.schedule):
+                fused_chain(self.policy.denoiser, chain, compile=True)
 
     @torch.inference_mode()
     def plan(self, obs_history: np.ndarray, budget: Budget | None = None) -> Plan:
@@ -294,35 +200,20 @@ class Session:
         start = time.perf_counter()
         self.policy.sync_engine()
         cond = self.policy.condition(obs_history)
-        batch = cond.shape[0]
-        renoise = self.renoise and self._previous is not None and self._previous[1].x_T.shape[0] == batch
-        noise, init, carry = self._noise_and_init(batch)
-        schedule, chain_noise = self.schedule, noise
-        shift = self.policy.config.n_action_steps
-        rti = self.rti is not None and self._previous is not None and self._previous[1].x_T.shape[0] == batch
-        if renoise:
-            schedule, chain_noise = self._renoised_chain(self._previous[0].sample, noise)
-        elif rti:
-            schedule, chain_noise = rti_chain(self.schedule, self._previous[0].sample, noise, shift, self.rti)
-        if self.falcon is not None:
-            result, self._falcon_state, falcon_info = falcon_solve(
-                self._falcon_state, self.policy.denoiser, self.solver, self.schedule, noise, cond, shift, self.falcon,
-                self.generator, budget or self.budget,
-            )  # fmt: skip
-            rti = any(s > 0 for s in falcon_info["start_steps"])  # warm when any row restarted from the buffer
-        else:
-            result = self.solver.solve(
-                self.policy.denoiser, schedule, chain_noise, cond, init=init, budget=budget or self.budget, carry=carry
-            )
+        noise = self._noise(cond.shape[0])
+        chain = self.warm.prepare(self.schedule, noise, self.policy.config.n_action_steps, cond)
+        result, warm = self.warm.solve(
+            self.solver, self.policy.denoiser, chain, cond, budget or self.budget, self.generator
+        )
         actions = self.policy.actions(result.sample)
         latency = time.perf_counter() - start
         if not np.all(np.isfinite(actions)):
             self._raise_non_finite(result, cond)
-        self._previous = (result, noise)
+        self.warm.update(result)
+        self._previous_noise = noise
         deviation = None
-        # untimed: the sequential sampler on the same chain, noise and observation (not Falcon: its chains are per row)
-        if self.check_exactness and self.falcon is None:
-            reference = self._reference.solve(self.policy.denoiser, schedule, chain_noise, cond)
+        if self.check_exactness and self.warm.checkable:  # untimed: the sequential sampler on the same chain
+            reference = self._reference.solve(self.policy.denoiser, chain.schedule, chain.noise, cond)
             deviation = float((result.sample - reference.sample).abs().max())
         record = InferenceRecord(
             latency,
@@ -330,7 +221,7 @@ class Session:
             result.nfe,
             result.converged,
             result.stop_reason,
-            init is not None or renoise or rti,
+            warm,
             deviation,
             result.rounds_per_row(),
         )

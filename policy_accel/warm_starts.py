@@ -1,4 +1,25 @@
-"""Published training-free warm starts across control steps, both APPROXIMATE (not the sampler's output for any noise).
+"""Warm starts across control steps: one small class per kind, registered by name like the solvers.
+
+A :class:`WarmStart` is owned by a :class:`~policy_accel.session.Session`. At each inference it prepares the chain
+to solve from the previous result (:meth:`WarmStart.prepare`: schedule or its tail, noise, initial state), may own
+the solve (:meth:`WarmStart.solve`, Falcon), keeps what the next inference needs (:meth:`WarmStart.update`), and says
+what it is: its ``key`` (the config's and results.json's ``warm_start`` value), whether it is exact, and its options
+(:meth:`WarmStart.record`, :meth:`WarmStart.label`, :meth:`WarmStart.overrides`). Nothing outside this module lists
+the kinds: configs, results, reports and fronts go through :func:`make_warm_start` / :func:`warm_start_of`.
+
+* ``Cold`` (``warm_start=false``): every inference solves from x_T.
+* ``Exact`` (``warm_start=true``, ``tail_fill``): the previous solve's warm state (trajectory, plus e.g. Newton's
+  Jacobians) shifted by the executed actions is the solver's initial guess; the new tail positions repeat the last
+  one (``repeat``) or follow a noise-consistent chain (``chain``, :func:`tail_chain`). The solver still solves this
+  inference's chain to its tolerance: the cost changes, not the answer (unless the solver's stopping test is fooled
+  by a good guess: warm ParaDiGMS, labelled approximate).
+* ``TailRestart`` (APPROXIMATE; ``warm_start=renoise`` with ``renoise_steps=k``, or ``warm_start=rti`` with
+  ``rti.*``): the previous clean chunk, shifted, starts the schedule's last k steps, re-noised to step T-k's level
+  with this inference's x_T draw (re-noise) or as it is (RTI-DP). Not the sampler's output for any noise.
+* ``Falcon`` (APPROXIMATE; ``warm_start=falcon`` with ``falcon.*``): restarts from a buffered partially denoised
+  chunk; owns its solve.
+
+The published ones:
 
 * **RTI-DP** (Duan, Yin, Kragic, "Real-time Iteration Scheme for Diffusion Policy", IROS 2025, arXiv:2508.05396;
   code RTI-DP/rti-dp, ``diffusion_unet_lowdim_rti_policy.py``): the first inference of an episode is a full solve;
@@ -34,10 +55,12 @@ parallel solver on a one-step chain), so they compose with every sampler family.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Annotated
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Strict
@@ -50,16 +73,41 @@ from policy_accel.schema import (
     PositiveInt,
     UnitInterval,
     check_fields,
+    check_mapping,
 )
-from policy_accel.solvers.base import Budget, Denoiser, Noise, Solver, SolveResult
+from policy_accel.solvers.base import (
+    Budget,
+    Denoiser,
+    Noise,
+    Solver,
+    SolveResult,
+    SolveState,
+    shift_chunk,
+    step_noise,
+)
 
-WARM_START_ALGORITHMS = ("rti", "falcon")
+log = logging.getLogger(__name__)
+TAIL_FILLS = ("repeat", "chain")
 
 
-def shift_chunk(x: torch.Tensor, shift: int, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Shift (..., H, A) left by ``shift`` along H; the new tail repeats the last entry, or is ``fill``."""
-    tail = x[..., -1:, :].expand(*x.shape[:-2], shift, x.shape[-1]) if fill is None else fill
-    return torch.cat([x[..., shift:, :], tail], dim=-2)
+def shift_filled(x: torch.Tensor, shift: int, fill: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., H, A) shifted left by ``shift`` along H (:func:`~policy_accel.solvers.base.shift_chunk`), the new
+    tail positions taken from ``fill`` (..., shift, A) instead of repeating the last one."""
+    out = shift_chunk(x, shift)
+    out[..., x.shape[-2] - shift :, :] = fill
+    return out
+
+
+def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, added_noise: torch.Tensor) -> torch.Tensor:
+    """The chain (T+1, *x_T.shape) from ``x_T`` with per-step noise ``added_noise`` (T, ...) for a denoiser that
+    predicts ``clean`` (shaped like ``x_T``) at every level: each step's epsilon maps its state to ``clean``."""
+    out = torch.empty((schedule.num_steps + 1, *x_T.shape), dtype=x_T.dtype, device=x_T.device)
+    out[0] = x_T
+    rows = torch.zeros(x_T.shape[0], dtype=torch.long, device=x_T.device)
+    for j in range(schedule.num_steps):
+        eps = (out[j] - schedule.sqrt_alpha_prod[j] * clean) / schedule.sqrt_beta_prod[j]
+        out[j + 1] = schedule.step(out[j], eps, rows + j) + added_noise[j]
+    return out
 
 
 @dataclass(frozen=True)
@@ -85,21 +133,11 @@ class RTIConfig:
 
 def rti_guess(previous_sample: torch.Tensor, shift: int, config: RTIConfig) -> torch.Tensor:
     """The shifted previous clean chunk (last action repeated), discrete dims binarized (RTI-DP's clip variant)."""
-    guess = shift_chunk(previous_sample, shift).clone()
+    guess = shift_chunk(previous_sample, shift)
     for d in config.discrete_dims:
         value = 1.0 / config.discrete_factor
         guess[..., d] = torch.where(guess[..., d] > 0, value, -value)
     return guess
-
-
-def rti_chain(
-    schedule: Schedule, previous_sample: torch.Tensor, noise: Noise, shift: int, config: RTIConfig
-) -> tuple[Schedule, Noise]:
-    """RTI-DP's chain: the schedule's last ``steps`` steps, started from the guess itself (no re-noising; unlike our
-    ``warm_start=renoise``). Each step keeps its own ``z`` row of this inference's noise (DDPM steps stay stochastic,
-    as in their ``scheduler.step(..., generator=...)``)."""
-    tail = schedule.tail(config.steps)
-    return tail, Noise(rti_guess(previous_sample, shift, config), noise.z[noise.z.shape[0] - tail.num_steps :])
 
 
 @dataclass(frozen=True)
@@ -157,7 +195,7 @@ def falcon_age(
         if (e.age + 1) * shift >= horizon:
             continue
         fill = schedule.sqrt_alpha_prod[e.step] * last + schedule.sqrt_beta_prod[e.step] * x_T[..., -shift:, :]
-        kept.append(FalconEntry(e.step, shift_chunk(e.state, shift, fill), e.valid, e.age + 1))
+        kept.append(FalconEntry(e.step, shift_filled(e.state, shift, fill), e.valid, e.age + 1))
     return kept
 
 
@@ -249,7 +287,7 @@ def falcon_solve(
     candidates: list[FalconEntry] = []
     screen_eps = None
     screened_rounds = 0
-    if state.previous_sample is not None and state.previous_sample.shape[0] == B:
+    if state.previous_sample is not None:  # the session resets the warm start when its batch changes
         candidates = falcon_candidates(falcon_age(state, schedule, shift, noise.x_T, H), schedule, config)
     if candidates:
         states = torch.stack([c.state for c in candidates])  # (C, B, H, A)
@@ -318,3 +356,402 @@ def falcon_solve(
         row_iterations=rounds.tolist(),
     )
     return result, FalconState(entries, sample.clone()), {"start_steps": start_steps.tolist()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the protocol and the kinds
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chain:
+    """What one inference solves: a schedule (the sampler's, or its tail), its noise (``x_T`` is the start), and for
+    an exact warm start the solver's initial trajectory and warm state. ``warm``: it starts from the previous one."""
+
+    schedule: Schedule
+    noise: Noise
+    init: torch.Tensor | None = None
+    carry: SolveState | None = None
+    warm: bool = False
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _override(key: str, value: Any) -> str:
+    """A Hydra override for ``key`` (lists, null and booleans as YAML)."""
+    return f"{key}={json.dumps(_plain(value)) if isinstance(value, list | tuple | bool) or value is None else value}"
+
+
+class WarmStart:
+    """One kind of warm start (the base is the protocol; subclasses register with :func:`register`).
+
+    ``key``: the config's ``warm_start`` value and results.json's. ``exact``: every chunk is the sampler's output for
+    its noise (within the solver's tolerance); :meth:`approximate` also asks the solver. ``checkable``: the session's
+    ``check_exactness`` can re-solve the prepared chain sequentially (not Falcon: its chains are per row).
+    ``options_key``: the config mapping of its knobs (``rti``, ``falcon``, ...), None when it has none there.
+    """
+
+    key: ClassVar[bool | str]
+    exact: ClassVar[bool] = False
+    checkable: ClassVar[bool] = True
+    options_key: ClassVar[str | None] = None
+
+    def __init__(self) -> None:
+        self.previous: SolveResult | None = None
+
+    # -- built from a config, checked against the session it serves --------------------------------------------
+    @classmethod
+    def options_key_for(cls, key: bool | str) -> str | None:
+        """The config mapping of ``key``'s knobs (a class may serve several keys)."""
+        return cls.options_key
+
+    @classmethod
+    def from_config(cls, key: bool | str, renoise_steps: int | None, tail_fill: str, options: dict | None) -> WarmStart:
+        return cls()
+
+    def bind(self, schedule: Schedule, action_dim: int, solver: Solver) -> None:
+        """Check the knobs against the session's sampler, action size and solver (raises ``ValueError``)."""
+
+    def approximate(self, solver: Solver) -> bool:
+        return not self.exact
+
+    def chains(self, schedule: Schedule) -> list[Schedule]:
+        """The sequential chains this warm start runs (compiled by ``Session.prepare`` when the engine can)."""
+        return [schedule]
+
+    # -- one inference ------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the episode: the next inference is cold."""
+        self.previous = None
+
+    def prepare(self, schedule: Schedule, noise: Noise, shift: int, cond: torch.Tensor) -> Chain:
+        """The chain to solve for this inference's ``noise`` and normalized observation ``cond`` (B, C), after
+        ``shift`` executed actions."""
+        return Chain(schedule, noise)
+
+    def solve(
+        self,
+        solver: Solver,
+        denoiser: Denoiser,
+        chain: Chain,
+        cond: torch.Tensor,
+        budget: Budget | None,
+        generator: torch.Generator,
+    ) -> tuple[SolveResult, bool]:
+        """(the solve of ``chain``, whether it was warm)."""
+        result = solver.solve(
+            denoiser, chain.schedule, chain.noise, cond, init=chain.init, budget=budget, carry=chain.carry
+        )
+        return result, chain.warm
+
+    def update(self, result: SolveResult) -> None:
+        """Keep what the next inference starts from."""
+        self.previous = result
+
+    # -- what it is, for results, labels and commands -----------------------------------------------------------
+    def options(self) -> dict | None:
+        """The knobs results.json records as ``warm_options`` (None: none there)."""
+        return None
+
+    def record(self) -> dict:
+        """results.json's fields for this warm start (the names runs have always recorded)."""
+        return {"warm_start": self.key, "renoise_steps": None, "warm_options": self.options(), "tail_fill": "repeat"}
+
+    def label(self) -> str:
+        """Its part of a configuration's short name (" warm", " renoise-k2", ...)."""
+        return ""
+
+    def overrides(self) -> list[str]:
+        """The eval/rollout.py arguments that select it."""
+        prefix = self.options_key_for(self.key)
+        return [_override("warm_start", self.key)] + [
+            _override(f"{prefix}.{k}", v) for k, v in (self.options() or {}).items()
+        ]
+
+
+WARM_STARTS: list[type[WarmStart]] = []
+
+
+def register(cls: type[WarmStart]) -> type[WarmStart]:
+    WARM_STARTS.append(cls)
+    return cls
+
+
+def _keys(cls: type[WarmStart]) -> tuple[bool | str, ...]:
+    return getattr(cls, "keys", (cls.key,))
+
+
+def _class_of(warm_start: Any) -> type[WarmStart] | None:
+    for cls in WARM_STARTS:  # booleans by identity: 1 and 1.0 are not true
+        for key in _keys(cls):
+            if warm_start is key or isinstance(key, str) and isinstance(warm_start, str) and warm_start == key:
+                return cls
+    return None
+
+
+def warm_start_choices() -> str:
+    """The ``warm_start`` values, for messages: "false, true (exact) or renoise, rti, ... (approximate)"."""
+    exact = [str(k).lower() for c in WARM_STARTS if c.exact for k in _keys(c)]
+    approx = [str(k) for c in WARM_STARTS if not c.exact for k in _keys(c)]
+    return f"{', '.join(exact)} (exact) or {', '.join(approx)} (approximate)"
+
+
+def is_warm_start(value: Any) -> bool:
+    """Whether ``value`` names a registered warm start (true/false as booleans only)."""
+    return _class_of(value) is not None
+
+
+def options_key(warm_start: Any) -> str | None:
+    """The config mapping that holds ``warm_start``'s knobs (``rti``, ``falcon``, ...), None if it has none."""
+    cls = _class_of(warm_start)
+    return None if cls is None else cls.options_key_for(warm_start)
+
+
+def make_warm_start(
+    warm_start: bool | str,
+    renoise_steps: int | None = None,
+    tail_fill: str = "repeat",
+    options: dict | None = None,
+) -> WarmStart:
+    """The warm start a config names (``warm_start``, ``renoise_steps``, ``tail_fill``, the knobs' mapping)."""
+    cls = _class_of(warm_start)
+    if cls is None:
+        raise ValueError(f"unknown warm_start {warm_start!r}; valid: {warm_start_choices()}")
+    if renoise_steps is not None and warm_start != "renoise":
+        raise ValueError(f"renoise_steps={renoise_steps} is only used with warm_start='renoise'")
+    if options and options_key(warm_start) is None:
+        takes = " or ".join(repr(k) for c in WARM_STARTS for k in _keys(c) if options_key(k) is not None)
+        raise ValueError(f"warm_options {options} are only used with warm_start={takes}")
+    return cls.from_config(warm_start, renoise_steps, tail_fill, options)
+
+
+def warm_start_of(record: dict) -> WarmStart:
+    """The warm start a results.json (or a report row) recorded, to label and reproduce it (not checked against a
+    sampler: old runs stay readable)."""
+    options = record["_warm_options"] if "_warm_options" in record else record.get("warm_options")  # a report row's
+    cls = _class_of(record["warm_start"])
+    if cls is None:
+        raise ValueError(f"unknown warm_start {record['warm_start']!r}; valid: {warm_start_choices()}")
+    tail_fill = (record["_tail_fill"] if "_tail_fill" in record else record.get("tail_fill")) or "repeat"
+    return cls.from_config(record["warm_start"], record.get("renoise_steps"), tail_fill, options)
+
+
+@register
+class Cold(WarmStart):
+    """No warm start: every inference solves the sampler's chain from x_T."""
+
+    key = False
+    exact = True
+
+    def overrides(self) -> list[str]:
+        return ["warm_start=false"]
+
+
+@register
+class Exact(WarmStart):
+    """The previous solve's warm state, shifted, as the solver's initial guess: the same answer, cheaper."""
+
+    key = True
+    exact = True
+
+    def __init__(self, tail_fill: str = "repeat"):
+        super().__init__()
+        if tail_fill not in TAIL_FILLS:
+            raise ValueError(f"tail_fill={tail_fill!r} is not allowed: expected one of {', '.join(TAIL_FILLS)}")
+        self.tail_fill = tail_fill
+
+    @classmethod
+    def from_config(cls, key, renoise_steps, tail_fill, options) -> Exact:
+        return cls(tail_fill)
+
+    def bind(self, schedule: Schedule, action_dim: int, solver: Solver) -> None:
+        if not solver.exact_warm_start:
+            log.warning(
+                f"warm-started {solver.name} is not reliably exact: its stopping test compares successive iterates, "
+                "which a good guess passes early (measured up to 0.24 off at tau 0.01); its results are labelled "
+                "approximate; prefer solver=newton"
+            )
+
+    def approximate(self, solver: Solver) -> bool:
+        # Warm paradigms' stopping test compares successive iterates: not reliably exact (0.24 off on Can).
+        return not solver.exact_warm_start
+
+    def prepare(self, schedule: Schedule, noise: Noise, shift: int, cond: torch.Tensor) -> Chain:
+        if self.previous is None:
+            return Chain(schedule, noise)
+        result = self.previous
+        # The solver's warm state (trajectory, plus e.g. Newton's Jacobians) shifted by the executed actions.
+        state = (result.state or SolveState(result.trajectory)).shifted(shift)
+        init = state.trajectory
+        init[0] = noise.x_T
+        if self.tail_fill == "chain":
+            keep = noise.x_T.shape[-2] - shift
+            clean = result.sample[:, -1:, :].expand(-1, shift, -1)
+            tail_noise = step_noise(schedule, noise)[:, :, keep:, :]
+            init[:, :, keep:, :] = tail_chain(schedule, clean, noise.x_T[:, keep:, :], tail_noise)
+        return Chain(schedule, noise, init, state, warm=True)
+
+    def record(self) -> dict:
+        return {**super().record(), "tail_fill": self.tail_fill}
+
+    def label(self) -> str:
+        return " warm"
+
+    def overrides(self) -> list[str]:
+        return ["warm_start=true"] + ([f"tail_fill={self.tail_fill}"] if self.tail_fill != "repeat" else [])
+
+
+def restart_chain(tail: Schedule, guess: torch.Tensor, noise: Noise, renoise: bool) -> Chain:
+    """The chain of ``tail`` (a schedule's last steps) started from ``guess``, re-noised to the tail's first level
+    with ``noise.x_T`` (``renoise``) or as it is; the tail steps keep their own ``z`` rows of ``noise``."""
+    start = tail.add_noise(guess, noise.x_T, 0) if renoise else guess
+    return Chain(tail, Noise(start, noise.z[noise.z.shape[0] - tail.num_steps :]), warm=True)
+
+
+@register
+class TailRestart(WarmStart):
+    """APPROXIMATE: the previous clean chunk, shifted by the executed actions (discrete dimensions binarized), starts
+    the schedule's last ``steps`` steps; ``renoise``: first re-noised to step T-steps' level with the forward process
+    q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps = this inference's x_T draw (``warm_start=renoise``);
+    else taken as that level's sample as it is (RTI-DP, ``warm_start=rti``). Each tail step keeps its own ``z`` row of
+    this inference's noise, so the generator is consumed exactly as in a cold solve. The first inference of an
+    episode is a full cold solve."""
+
+    keys = ("renoise", "rti")
+
+    def __init__(
+        self, steps: int | None, renoise: bool, discrete_dims: tuple[int, ...] = (), discrete_factor: float = 1.0
+    ):
+        super().__init__()
+        self.renoise = renoise
+        self.config = RTIConfig(**({"steps": steps} if steps is not None else {}), discrete_dims=discrete_dims,
+                                discrete_factor=discrete_factor) if not renoise else None  # fmt: skip
+        self.steps = steps if renoise else self.config.steps
+        self._tail: Schedule | None = None
+
+    @property
+    def key(self) -> str:  # type: ignore[override]
+        return "renoise" if self.renoise else "rti"
+
+    @classmethod
+    def options_key_for(cls, key: bool | str) -> str | None:
+        return None if key == "renoise" else "rti"  # re-noise's one knob is the top-level renoise_steps
+
+    @classmethod
+    def from_config(cls, key, renoise_steps, tail_fill, options) -> TailRestart:
+        if key == "renoise":
+            return cls(renoise_steps, renoise=True)
+        options = dict(options or {})
+        check_mapping(options, RTIConfig, "rti.", owner="warm_start='rti'")
+        config = RTIConfig(**options)
+        return cls(config.steps, False, config.discrete_dims, config.discrete_factor)
+
+    def bind(self, schedule: Schedule, action_dim: int, solver: Solver) -> None:
+        T = schedule.num_steps
+        if self.renoise:
+            if self.steps is None or not 1 <= self.steps <= T:
+                raise ValueError(
+                    f"warm_start='renoise' needs renoise_steps in [1, {T}] (the schedule's last steps to run), got "
+                    f"{self.steps!r}"
+                )
+        else:
+            self.config.validate(schedule, action_dim)
+        self._tail = schedule.tail(self.steps)
+
+    def chains(self, schedule: Schedule) -> list[Schedule]:
+        return [schedule, self._tail]
+
+    def guess(self, shift: int) -> torch.Tensor:
+        """The shifted previous clean chunk (last action repeated), discrete dimensions binarized."""
+        if self.config is None:
+            return shift_chunk(self.previous.sample, shift)
+        return rti_guess(self.previous.sample, shift, self.config)
+
+    def prepare(self, schedule: Schedule, noise: Noise, shift: int, cond: torch.Tensor) -> Chain:
+        if self.previous is None:
+            return Chain(schedule, noise)
+        return restart_chain(self._tail, self.guess(shift), noise, self.renoise)
+
+    def options(self) -> dict | None:
+        return None if self.config is None else {k: _plain(v) for k, v in asdict(self.config).items()}
+
+    def record(self) -> dict:
+        return {**super().record(), "renoise_steps": self.steps if self.renoise else None}
+
+    def label(self) -> str:
+        return f" {self.key}-k{self.steps}"
+
+    def overrides(self) -> list[str]:
+        if self.renoise:
+            return ["warm_start=renoise", f"renoise_steps={self.steps}"]
+        return super().overrides()
+
+
+@register
+class Falcon(WarmStart):
+    """APPROXIMATE: Falcon's restart from a buffered partially denoised chunk (:func:`falcon_solve`)."""
+
+    key = "falcon"
+    checkable = False
+    options_key = "falcon"
+
+    def __init__(self, config: FalconConfig | None = None):
+        super().__init__()
+        self.config = config or FalconConfig()
+        self.state = FalconState()
+        self._shift = 0
+
+    @classmethod
+    def from_config(cls, key, renoise_steps, tail_fill, options) -> Falcon:
+        options = dict(options or {})
+        check_mapping(options, FalconConfig, "falcon.", owner="warm_start='falcon'")
+        return cls(FalconConfig(**options))
+
+    def bind(self, schedule: Schedule, action_dim: int, solver: Solver) -> None:
+        self.config.validate(schedule)
+
+    def reset(self) -> None:
+        super().reset()
+        self.state = FalconState()
+
+    def prepare(self, schedule: Schedule, noise: Noise, shift: int, cond: torch.Tensor) -> Chain:
+        self._shift = shift
+        return Chain(schedule, noise)
+
+    def solve(self, solver, denoiser, chain, cond, budget, generator) -> tuple[SolveResult, bool]:
+        result, self._next, info = falcon_solve(
+            self.state, denoiser, solver, chain.schedule, chain.noise, cond, self._shift, self.config, generator, budget
+        )
+        return result, any(s > 0 for s in info["start_steps"])  # warm when any row restarted from the buffer
+
+    def update(self, result: SolveResult) -> None:
+        super().update(result)
+        self.state = self._next
+
+    def options(self) -> dict:
+        return asdict(self.config)
+
+    def label(self) -> str:
+        return f" falcon-e{self.config.threshold}"
+
+
+__all__ = [
+    "Chain",
+    "Cold",
+    "Exact",
+    "Falcon",
+    "FalconConfig",
+    "RTIConfig",
+    "TAIL_FILLS",
+    "TailRestart",
+    "WarmStart",
+    "make_warm_start",
+    "options_key",
+    "register",
+    "tail_chain",
+    "warm_start_choices",
+    "is_warm_start",
+    "warm_start_of",
+]

@@ -291,7 +291,9 @@ def test_realtime_counts_a_tick_that_is_both_a_fallback_and_late_once():
     cfg = _compose("realtime.yaml", ["rate_hz=1000", "offline_results=null", "out_dir=/tmp/unused"], hydra=False)
     ep = EpisodeLog(0, steps=3, misses=1, miss_ticks=[1], wake_s=[0.0, 0.0021, 0.003], late_s=[0.0, 0.0011, 0.0])
     ep.chunk_actions = {0: 2}
-    session = SimpleNamespace(renoise_steps=None, tail_fill="repeat", approximate=False)
+    from policy_accel.warm_starts import Cold
+
+    session = SimpleNamespace(warm=Cold(), approximate=False)
     from policy_accel.model.engine import EngineInfo
 
     policy = SimpleNamespace(engine=EngineInfo("torch", "2", "f32", 1))

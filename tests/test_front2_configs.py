@@ -46,6 +46,6 @@ def test_front2_configuration_builds(setups, name):
     if name.startswith(("rti_", "falcon_", "renoise_")):
         assert session.approximate
     if name.startswith("rti_"):
-        assert session.rti is not None and session.rti.steps == int(name.split("_k")[-1])
+        assert session.warm.key == "rti" and session.warm.steps == int(name.split("_k")[-1])
     if name.startswith("falcon_"):
-        assert session.falcon is not None and session.falcon.threshold == float("0." + name.split("_e")[1][:2])
+        assert session.warm.key == "falcon" and session.warm.config.threshold == float("0." + name.split("_e")[1][:2])

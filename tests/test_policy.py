@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from policy_accel.schedule import Schedule, ScheduleConfig
-from policy_accel.session import Session, shift_horizon, tail_chain
+from policy_accel.session import Session
 from policy_accel.solvers import make_solver
-from policy_accel.solvers.base import Noise, step_noise
+from policy_accel.solvers.base import Noise, shift_chunk, step_noise
 from policy_accel.solvers.newton import shift_jacobians
+from policy_accel.warm_starts import shift_filled, tail_chain
 
 
 @pytest.mark.parametrize(
@@ -42,11 +43,12 @@ def test_predict_action_shapes_and_range(trained_policy):
     assert (actions >= lo - 1e-3).all() and (actions <= hi + 1e-3).all()
 
 
-def test_shift_horizon():
+def test_shift_chunk_and_its_filled_tail():
     x = torch.arange(6.0).view(1, 6, 1)
-    assert shift_horizon(x, 2).flatten().tolist() == [2, 3, 4, 5, 5, 5]
+    assert shift_chunk(x, 2).flatten().tolist() == [2, 3, 4, 5, 5, 5]
     fill = torch.tensor([[[9.0], [8.0]]])
-    assert shift_horizon(x, 2, fill).flatten().tolist() == [2, 3, 4, 5, 9, 8]
+    assert shift_filled(x, 2, fill).flatten().tolist() == [2, 3, 4, 5, 9, 8]
+    assert x.flatten().tolist() == [0, 1, 2, 3, 4, 5]  # the input is left as it was
 
 
 def test_shift_jacobians_moves_blocks_with_the_chunk():
@@ -68,7 +70,7 @@ def test_warm_started_runner_returns_the_sequential_sample_of_its_noise(trained_
     assert not record.warm  # the first inference of an episode is cold
     _, second, record = session.plan(obs + 1.0)
     assert record.warm
-    noise = session._previous[1]
+    noise = session._previous_noise
     with torch.inference_mode():
         cond = trained_policy.condition(obs + 1.0)
         reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, noise, cond)
@@ -120,7 +122,7 @@ def test_chain_tail_fill_keeps_warm_starts_exact(trained_policy):
     assert record.warm
     with torch.inference_mode():
         cond = trained_policy.condition(obs + 1.0)
-        reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, session._previous[1], cond)
+        reference = make_solver("sequential").solve(trained_policy.denoiser, schedule, session._previous_noise, cond)
     assert second.converged and (second.sample - reference.sample).abs().max() <= 1e-3
     with pytest.raises(ValueError, match="tail_fill='extrapolate' is not allowed: expected one of repeat, chain"):
         Session(trained_policy, make_solver("newton"), schedule, True, tail_fill="extrapolate")

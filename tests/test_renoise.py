@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from policy_accel.schedule import Schedule, ScheduleConfig
-from policy_accel.session import Session, shift_horizon
+from policy_accel.session import Session
 from policy_accel.solvers import make_solver
-from policy_accel.solvers.base import Noise
+from policy_accel.solvers.base import Noise, shift_chunk
 
 TABLES = ("timesteps", "sqrt_alpha_prod", "sqrt_beta_prod", "coef_x0", "coef_y", "noise_scale", "variance")
 
@@ -97,7 +97,7 @@ def test_renoise_runner_finishes_the_shifted_renoised_previous_sample(trained_po
     trained_policy.draw_noise(schedule, 2, g)  # the first inference's draw
     noise = trained_policy.draw_noise(schedule, 2, g)
     tail = schedule.tail(2)
-    start = (tail.sqrt_alpha_prod[0] * shift_horizon(first.sample, 8)) + tail.sqrt_beta_prod[0] * noise.x_T
+    start = (tail.sqrt_alpha_prod[0] * shift_chunk(first.sample, 8)) + tail.sqrt_beta_prod[0] * noise.x_T
     with torch.inference_mode():
         cond = trained_policy.condition(obs + 1.0)
         expected = make_solver("sequential").solve(trained_policy.denoiser, tail, Noise(start, noise.z[8:]), cond)

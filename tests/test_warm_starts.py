@@ -11,8 +11,8 @@ import torch
 
 from policy_accel.session import Session
 from policy_accel.solvers import make_solver
-from policy_accel.solvers.base import Noise
-from policy_accel.warm_starts import FalconConfig, RTIConfig, falcon_select, rti_chain, rti_guess, shift_chunk
+from policy_accel.solvers.base import Noise, shift_chunk
+from policy_accel.warm_starts import FalconConfig, RTIConfig, TailRestart, falcon_select, rti_guess, shift_filled
 
 
 def _obs(seed: int) -> np.ndarray:
@@ -33,10 +33,13 @@ def test_rti_runs_the_last_steps_from_the_shifted_clean_chunk_without_noise(trai
     assert r1.iterations == 3 and r1.warm and r1.nfe == 3
     # RTI-DP's PushT config: DDPM-100 steps [2, 1, 0]; the chain starts at the guess itself (no re-noising).
     noise = Noise.draw(100, (1, 16, 2), torch.Generator().manual_seed(1))
-    tail, chain_noise = rti_chain(schedule, first.sample, noise, 8, RTIConfig(steps=3))
-    assert tail.timesteps.tolist() == [2, 1, 0]
-    torch.testing.assert_close(chain_noise.x_T, shift_chunk(first.sample, 8), rtol=0, atol=0)
-    torch.testing.assert_close(chain_noise.z, noise.z[-3:], rtol=0, atol=0)
+    rti = TailRestart(3, renoise=False)
+    rti.bind(schedule, 2, make_solver("sequential"))
+    rti.update(first)
+    chain = rti.prepare(schedule, noise, 8, None)
+    assert chain.warm and chain.schedule.timesteps.tolist() == [2, 1, 0]
+    torch.testing.assert_close(chain.noise.x_T, shift_chunk(first.sample, 8), rtol=0, atol=0)
+    torch.testing.assert_close(chain.noise.z, noise.z[-3:], rtol=0, atol=0)
 
 
 def test_rti_steps_knob_and_discrete_clip(trained_policy):
@@ -116,7 +119,7 @@ def test_falcon_warm_result_is_the_tail_solve_from_the_chosen_candidate(trained_
         noise2 = trained_policy.draw_noise(schedule, 1, g)
         entry, last = state.entries[0], state.previous_sample[:, -1:, :].expand(1, 8, 2)
         fill = schedule.sqrt_alpha_prod[7] * last + schedule.sqrt_beta_prod[7] * noise2.x_T[:, -8:, :]
-        start = shift_chunk(entry.state, 8, fill)
+        start = shift_filled(entry.state, 8, fill)
         result, _, info = falcon_solve(state, trained_policy.denoiser, solver, schedule, noise2, cond, 8, config, g)
         assert info["start_steps"] == [7]
         # the candidate: the level-7 state shifted by 8, its new tail the last clean action noised to level 7

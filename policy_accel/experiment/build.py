@@ -28,9 +28,10 @@ from policy_accel.model.engine import ENGINES, PRECISIONS, resolve_engine
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.schema import FieldError, Ge, Gt, Le, MinLen, check_mapping, check_value
-from policy_accel.session import NOISE_POLICIES, TAIL_FILLS, Session
+from policy_accel.session import NOISE_POLICIES, Session
 from policy_accel.solvers import SOLVERS, make_solver
 from policy_accel.solvers.base import Budget, Solver
+from policy_accel.warm_starts import TAIL_FILLS, is_warm_start, options_key, warm_start_choices
 
 _ABSENT = object()
 # Keys that never change a result (where it goes, whether it is skipped, a GIF): left out of the run identity.
@@ -92,20 +93,22 @@ def cfg_str(cfg: DictConfig, key: str, optional: bool = False) -> str | None:
 
 
 def cfg_warm_start(cfg: DictConfig) -> bool | str:
-    """``warm_start``: false, true (exact) or "renoise" / "rti" / "falcon" (approximate); results.json records this."""
+    """``warm_start``: false, true (exact) or an approximate kind (policy_accel/warm_starts.py); results.json records
+    this."""
     value = _get(cfg, "warm_start")
-    if value is True or value is False or value in ("renoise", "rti", "falcon"):
+    if is_warm_start(value):
         return value
-    raise _bad("warm_start", value, "false, true (exact) or renoise, rti, falcon (approximate)")
+    raise _bad("warm_start", value, warm_start_choices())
 
 
 def cfg_warm_options(cfg: DictConfig, warm_start: bool | str) -> dict | None:
-    """The knobs of warm_start=rti or falcon (the ``rti`` / ``falcon`` mappings), None for the others."""
-    if warm_start not in ("rti", "falcon") or warm_start not in cfg:
+    """The knobs of a warm start that has a mapping of them (``rti``, ``falcon``, ...), None for the others."""
+    key = options_key(warm_start)
+    if key is None or key not in cfg:
         return None
-    value = _get(cfg, warm_start)
+    value = _get(cfg, key)
     if not isinstance(value, dict):
-        raise _bad(warm_start, value, f"a mapping of {warm_start} options (see policy_accel/warm_starts.py)")
+        raise _bad(key, value, f"a mapping of {key} options (see policy_accel/warm_starts.py)")
     return value
 
 
@@ -240,7 +243,7 @@ def build_session(cfg: DictConfig, *, check_task: bool = True, policy: Diffusion
         )
     except ValueError as err:  # e.g. renoise_steps past the schedule's length, or without warm_start=renoise
         raise ConfigError(str(err)) from None
-    return SessionSetup(policy, schedule, solver, session, str(checkpoint), seeds, warm_start, device, threads)
+    return SessionSetup(policy, schedule, solver, session, str(checkpoint), seeds, session.warm.key, device, threads)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure  # no pyplot: the library never picks the c
 
 from policy_accel.experiment.outputs import save_figure_atomic, write_text_atomic
 from policy_accel.experiment.results_schema import check_results
+from policy_accel.warm_starts import warm_start_of
 
 log = logging.getLogger(__name__)
 COLUMNS = [
@@ -31,6 +32,8 @@ COLUMNS = [
     "policy",
     "solver",
     "warm_start",
+    "renoise_steps",
+    "warm_options",
     "approximate",
     "noise",
     "n_episodes",
@@ -51,18 +54,15 @@ def label(r: dict) -> str:
     """Short name of a configuration; approximate ones end in "(approx.)"."""
     opts = r.get("solver_options") or {}
     jac = f"[{opts['jacobian']}]" if "jacobian" in opts else ""
-    options = r.get("warm_options") or {}
-    if r["warm_start"] == "renoise":
-        warm = f" renoise-k{r.get('renoise_steps')}"
-    elif r["warm_start"] == "rti":
-        warm = f" rti-k{options.get('steps')}"
-    elif r["warm_start"] == "falcon":
-        warm = f" falcon-e{options.get('threshold')}"
-    else:
-        warm = " warm" if r["warm_start"] else ""
+    warm = warm_start_of(r).label()
     noise = f" {r.get('noise', 'fresh')}" if r.get("noise", "fresh") != "fresh" else ""
     approx = " (approx.)" if r.get("approximate", False) else ""
     return f"{r['policy']} {r['solver']}{jac}{warm}{noise}{approx}"
+
+
+def options_cell(options: dict | None) -> str:
+    """A warm start's options as one results.csv cell (JSON, sorted keys; empty when it has none)."""
+    return "" if options is None else json.dumps(options, sort_keys=True)
 
 
 def _row(r: dict) -> dict:
@@ -73,6 +73,7 @@ def _row(r: dict) -> dict:
         "warm_start": r["warm_start"],
         "approximate": bool(r.get("approximate", False)),  # results.json from before the flag: exact
         "renoise_steps": r.get("renoise_steps"),
+        "warm_options": options_cell(r.get("warm_options")),
         "solver_options": r.get("solver_options") or {},
         "noise": r.get("noise", "fresh"),
         "n_episodes": r["n_episodes"],
@@ -92,6 +93,7 @@ def _row(r: dict) -> dict:
         "_episode_scores": {int(e["seed"]): float(e["max_reward"]) for e in r.get("episodes") or []},
         "_schedule": r.get("schedule"),
         "_warm_options": r.get("warm_options"),
+        "_tail_fill": r.get("tail_fill"),
         "_seeds": r["seeds"],
         "_latency_seeds": r.get("latency_seeds", r["seeds"]),
         "_experiment": r.get("experiment"),

@@ -13,15 +13,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from policy_accel.errors import ResultsError
+from policy_accel.warm_starts import is_warm_start, warm_start_choices
 
 SCHEMA_VERSION = 2
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 Count = Annotated[int, Field(ge=0)]
+
+
+def _registered(name: str) -> str:
+    if not is_warm_start(name):
+        raise ValueError(f"not a warm start: expected {warm_start_choices()}")
+    return name
 
 
 class _Strict(BaseModel):
@@ -55,7 +62,7 @@ class RolloutResults(_Strict):
     schema_version: Literal[1, 2] = 1
     policy: str
     solver: str
-    warm_start: bool | Literal["renoise", "rti", "falcon"]
+    warm_start: bool | Annotated[str, AfterValidator(_registered)]  # a warm start's key (policy_accel/warm_starts.py)
     approximate: bool = False
     renoise_steps: Annotated[int, Field(ge=1)] | None = None
     solver_options: dict[str, Any] | None = None
