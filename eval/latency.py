@@ -268,7 +268,7 @@ def main(cfg: DictConfig) -> None:
             run_configuration(setup, sequences[:1], profile=False)  # warm-up (caches, the worker's request)
             timed = run_configuration(setup, sequences, profile=False)
             profiled = run_configuration(setup, sequences, profile=True)
-            summary = summarize(timed, profiled, setup.warm_start is not False, table["network_ms"])
+            summary = summarize(timed, profiled, setup.session.warm.uses_previous, table["network_ms"])
             table["samplers"][name] = {"spec": describe(name, run_cfg, setup), **summary}
             log.info("%s on %s: %s", name, variant, {k: round(v, 3) for k, v in summary.items()})
         write_json_atomic(out_dir / "latency.json", result)

@@ -71,7 +71,7 @@ def build_sessions(cfg: DictConfig) -> dict[str, tuple[dict, SessionSetup]]:
     setups, policy = {}, None
     for name in names:
         run_cfg, setup = build_configuration(name, values=shared, policy=policy)
-        if setup.warm_start is not False:
+        if setup.session.warm.uses_previous:
             raise ConfigError(
                 f"configuration {name!r} sets warm_start={setup.warm_start!r}: a warm start needs the previous "
                 "control step, and this benchmark solves each observation cold (use eval/latency.py or eval/rollout.py)"

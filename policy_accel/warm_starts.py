@@ -18,6 +18,8 @@ the kinds: configs, results, reports and fronts go through :func:`make_warm_star
   with this inference's x_T draw (re-noise) or as it is (RTI-DP). Not the sampler's output for any noise.
 * ``Falcon`` (APPROXIMATE; ``warm_start=falcon`` with ``falcon.*``): restarts from a buffered partially denoised
   chunk; owns its solve.
+* ``AdaptiveRestart`` (APPROXIMATE; ``warm_start=adaptive`` with ``adaptive.*``): a tail restart whose level is chosen
+  per inference and per row from how far the observation moved since the previous inference; owns its solve.
 
 The published ones:
 
@@ -388,12 +390,14 @@ class WarmStart:
     """One kind of warm start (the base is the protocol; subclasses register with :func:`register`).
 
     ``key``: the config's ``warm_start`` value and results.json's. ``exact``: every chunk is the sampler's output for
-    its noise (within the solver's tolerance); :meth:`approximate` also asks the solver. ``checkable``: the session's
+    its noise (within the solver's tolerance); :meth:`approximate` also asks the solver. ``uses_previous``: it
+    needs a closed loop (every kind but ``Cold``). ``checkable``: the session's
     ``check_exactness`` can re-solve the prepared chain sequentially (not Falcon: its chains are per row).
     ``options_key``: the config mapping of its knobs (``rti``, ``falcon``, ...), None when it has none there.
     """
 
     key: ClassVar[bool | str]
+    uses_previous: ClassVar[bool] = True  # starts from the previous inference (all but Cold)
     exact: ClassVar[bool] = False
     checkable: ClassVar[bool] = True
     options_key: ClassVar[str | None] = None
@@ -543,6 +547,7 @@ class Cold(WarmStart):
     """No warm start: every inference solves the sampler's chain from x_T."""
 
     key = False
+    uses_previous = False
     exact = True
 
     def overrides(self) -> list[str]:
@@ -737,7 +742,135 @@ class Falcon(WarmStart):
         return f" falcon-e{self.config.threshold}"
 
 
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """The per-inference restart level's knobs: ``min_steps`` (tail steps when the observation did not move),
+    ``max_steps`` (when it moved by ``scale`` or more; None = the whole schedule, i.e. a cold solve from x_T),
+    ``scale`` (RMS change of the normalized observation history between two inferences that asks for
+    ``max_steps``), ``renoise`` (re-noise the guess to the tail's first level, or start from it as it is)."""
+
+    min_steps: PositiveInt = 2
+    max_steps: PositiveInt | None = None
+    scale: PositiveFloat = 0.1
+    renoise: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "adaptive.")
+
+    def validate(self, schedule: Schedule) -> None:
+        T = schedule.num_steps
+        top = T if self.max_steps is None else self.max_steps
+        if not 1 <= self.min_steps <= top <= T:
+            raise ValueError(
+                f"adaptive.min_steps={self.min_steps} and max_steps={self.max_steps} must satisfy 1 <= min_steps <= "
+                f"max_steps <= {T} (the schedule's steps)"
+            )
+
+
+@register
+class AdaptiveRestart(WarmStart):
+    """APPROXIMATE: a :class:`TailRestart` whose restart level is chosen per inference and per row from how far the
+    observation moved since the previous inference: k = min_steps + (max_steps - min_steps) * min(1, d / scale)
+    (rounded), d = RMS change of the normalized observation history. Little motion, a short tail from the shifted
+    previous chunk; much motion (a contact, a grasp: where the shifted chunk is a poor guess), a restart near or at
+    pure noise (k = T is the cold solve of that row). Rows with the same k are solved together, one budget for all."""
+
+    key = "adaptive"
+    checkable = False  # rows may solve different chains
+    options_key = "adaptive"
+
+    def __init__(self, config: AdaptiveConfig | None = None):
+        super().__init__()
+        self.config = config or AdaptiveConfig()
+        self._cond: torch.Tensor | None = None  # the previous inference's normalized observation history
+        self._pending: tuple | None = None
+
+    @classmethod
+    def from_config(cls, key, renoise_steps, tail_fill, options) -> AdaptiveRestart:
+        options = dict(options or {})
+        check_mapping(options, AdaptiveConfig, "adaptive.", owner="warm_start='adaptive'")
+        return cls(AdaptiveConfig(**options))
+
+    def bind(self, schedule: Schedule, action_dim: int, solver: Solver) -> None:
+        self.config.validate(schedule)
+        T = schedule.num_steps
+        top = T if self.config.max_steps is None else self.config.max_steps
+        self._tails = {k: schedule.tail(k) for k in range(self.config.min_steps, top + 1) if k < T}
+
+    def chains(self, schedule: Schedule) -> list[Schedule]:
+        return [schedule, *self._tails.values()]
+
+    def reset(self) -> None:
+        super().reset()
+        self._cond = None
+
+    def levels(self, cond: torch.Tensor, T: int) -> torch.Tensor:
+        """(B,) tail steps per row, from the observation's RMS change since the previous inference."""
+        c = self.config
+        top = T if c.max_steps is None else c.max_steps
+        moved = (cond - self._cond).pow(2).mean(-1).sqrt()
+        return (c.min_steps + (top - c.min_steps) * (moved / c.scale).clamp(max=1.0)).round().long()
+
+    def prepare(self, schedule: Schedule, noise: Noise, shift: int, cond: torch.Tensor) -> Chain:
+        levels = None if self.previous is None else self.levels(cond, schedule.num_steps)
+        guess = None if self.previous is None else shift_chunk(self.previous.sample, shift)
+        self._pending = (cond, levels, guess)
+        return Chain(schedule, noise, warm=levels is not None)
+
+    def solve(self, solver, denoiser, chain, cond, budget, generator) -> tuple[SolveResult, bool]:
+        _, levels, guess = self._pending
+        if levels is None:
+            return super().solve(solver, denoiser, chain, cond, budget, generator)
+        started = time.perf_counter()
+        schedule, noise = chain.schedule, chain.noise
+        T = schedule.num_steps
+        sample = torch.empty_like(noise.x_T)
+        rounds = [0] * noise.x_T.shape[0]
+        nfe, stops, residual = 0, [], 0.0
+        for k in sorted(set(levels.tolist())):
+            idx = (levels == k).nonzero().flatten()
+            rows = Noise(noise.x_T[idx], noise.z[:, idx])
+            part = (
+                Chain(schedule, rows)
+                if k >= T
+                else restart_chain(self._tails[k], guess[idx], rows, self.config.renoise)
+            )
+            result = solver.solve(denoiser, part.schedule, part.noise, cond[idx], budget=remaining(budget, started))
+            sample[idx] = result.sample
+            for i, n in zip(idx.tolist(), result.rounds_per_row(), strict=True):
+                rounds[i] = n
+            nfe += result.nfe
+            stops.append(result.stop_reason)
+            residual = max(residual, result.residual)
+        stop = next((s for s in stops if s != "converged"), "converged")
+        result = SolveResult(
+            sample=sample,
+            trajectory=torch.stack([sample]),
+            iterations=max(rounds),
+            nfe=nfe,
+            converged=stop == "converged",
+            residual=residual,
+            wall_time_s=time.perf_counter() - started,
+            stop_reason=stop,
+            row_iterations=rounds,
+        )
+        return result, bool((levels < T).any())
+
+    def update(self, result: SolveResult) -> None:
+        super().update(result)
+        self._cond = self._pending[0]
+
+    def options(self) -> dict:
+        return asdict(self.config)
+
+    def label(self) -> str:
+        c = self.config
+        return f" adaptive-k{c.min_steps}-{c.max_steps or 'T'}-s{c.scale}{'' if c.renoise else '-rti'}"
+
+
 __all__ = [
+    "AdaptiveConfig",
+    "AdaptiveRestart",
     "Chain",
     "Cold",
     "Exact",
