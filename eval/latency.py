@@ -239,6 +239,8 @@ def main(cfg: DictConfig) -> None:
     # Every comparison interleaved, so that the host's drift (this shared machine's speed moves by 20-50 % within
     # minutes) falls on all engines alike: call times batch by batch, then each configuration engine by engine.
     variants = [(e, {}) for e in engines]
+    if cfg.dynamic and device.type == "cpu":  # OpenVINO's one dynamic-batch program (before static size buckets)
+        variants.append(("openvino_dynamic", {"engine": "openvino", "static_shapes": False}))
     if cfg.fused and device.type == "cpu":  # short sequential chains as one program each
         variants.append(("openvino_fused", {"engine": "openvino", "fuse_chains": True}))
     if cfg.bf16 and device.type == "cpu":  # approximate: the call only, labelled, never a configuration's engine
@@ -287,6 +289,7 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(f"batches={batches} is not allowed: expected a non-empty list of integers >= 1")
     cfg_bool(cfg, "bf16")
     cfg_bool(cfg, "fused")
+    cfg_bool(cfg, "dynamic")
 
 
 def check_engines(engines: list, device: str) -> list[str]:

@@ -149,13 +149,15 @@ class DiffusionPolicy:
         precision: str = "f32",
         cache_dir: Path | None = None,
         fuse_chains: bool = False,
+        static_shapes: bool = True,
     ) -> DiffusionPolicy:
         """Serve the denoiser from ``engine`` (``auto``: the fastest exact one for this device; see
         :mod:`policy_accel.model.engine`). The engine holds a copy of the weights as they are now; an in-place
         change of them is recompiled before the next inference (:meth:`sync_engine`). ``precision="bf16"``
         (OpenVINO) is approximate and labelled so in ``self.engine``; ``fuse_chains`` (OpenVINO) runs short
-        sequential chains as one program each (exact). ``threads`` (default: torch's setting) go to the engine; with
-        a CPU engine torch itself is set to one thread."""
+        sequential chains as one program each (exact); ``static_shapes=False`` (OpenVINO) serves every batch size
+        from one dynamic-shape program instead of static ones per size bucket (slower; for comparison).
+        ``threads`` (default: torch's setting) go to the engine; with a CPU engine torch itself is set to one thread."""
         name = resolve_engine(engine, self.device)
         threads = torch.get_num_threads() if threads is None else threads
         # inference tensors (weights loaded under torch.inference_mode) keep no version counter
@@ -163,7 +165,7 @@ class DiffusionPolicy:
         fingerprint = self._weights_fingerprint()
         if self._engine_fingerprint != fingerprint:
             self._compiled = {}  # compiled for other weights
-        key = (name, threads, precision, fuse_chains, str(cache_dir))
+        key = (name, threads, precision, fuse_chains, static_shapes, str(cache_dir))
         if key not in self._compiled:  # switching back to an engine compiled for these weights costs nothing
             self._compiled[key] = compile_denoiser(
                 self.model,
@@ -174,6 +176,7 @@ class DiffusionPolicy:
                 precision=precision,
                 cache_dir=cache_dir,
                 fuse_chains=fuse_chains,
+                static_shapes=static_shapes,
             )
         self._forward, self.engine = self._compiled[key]
         self._engine_fingerprint, self._engine_cache_dir = fingerprint, cache_dir

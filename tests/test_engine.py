@@ -13,7 +13,14 @@ import torch
 
 from policy_accel.errors import ConfigError
 from policy_accel.io.checkpoint import load_policy
-from policy_accel.model.engine import EXACT_TOLERANCE, available, compile_denoiser, resolve_engine
+from policy_accel.model.engine import (
+    EXACT_TOLERANCE,
+    STATIC_BATCHES,
+    available,
+    compile_denoiser,
+    resolve_engine,
+    static_batch,
+)
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.session import Session
 from policy_accel.solvers import make_solver
@@ -264,3 +271,47 @@ def test_weights_edited_in_place_are_recompiled_before_the_next_inference():
     after = plan(policy)
     assert np.abs(after - before).max() > 1.0  # the edit reached the engine
     assert np.abs(after - plan(eager)).max() <= 1e-2  # raw units (up to 512): the engine runs the edited weights
+
+
+def _openvino(model, **options):
+    served, _ = compile_denoiser(model, "openvino", sample_shape=(16, 2), cond_dim=36, threads=1, **options)
+    return served
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 17, 100])
+def test_openvino_static_programs_serve_every_batch_size_padded_up_and_exact(trained_policy, batch):
+    served = _openvino(trained_policy.model)
+    x, t, c = _inputs(batch, seed=batch)
+    with torch.inference_mode():
+        out = served(x, t, c)
+        eager = trained_policy.model(x, t, c)
+    assert out.shape == (batch, 16, 2)
+    assert (out - eager).abs().max() <= EXACT_TOLERANCE
+    size = static_batch(batch)
+    assert size >= batch and size in STATIC_BATCHES and served._static[size] is not None
+    assert size == batch or size <= 1.5 * batch + 1
+
+
+def test_openvino_dynamic_program_and_the_fallback_when_a_static_one_cannot_be_built(trained_policy, monkeypatch):
+    dynamic = _openvino(trained_policy.model, static_shapes=False)
+    x, t, c = _inputs(7)
+    with torch.inference_mode():
+        eager = trained_policy.model(x, t, c)
+        assert (dynamic(x, t, c) - eager).abs().max() <= EXACT_TOLERANCE and not dynamic._static
+        static = _openvino(trained_policy.model)
+        monkeypatch.setattr(static, "_compile_static", lambda size: None)
+        assert (static(x, t, c) - eager).abs().max() <= EXACT_TOLERANCE
+    assert static._static[8] is None  # size 8 runs on the dynamic program
+
+
+def test_openvino_static_programs_stop_at_their_weight_budget(trained_policy, monkeypatch):
+    import policy_accel.model.engine as engine_module
+
+    weights = sum(p.numel() * p.element_size() for p in trained_policy.model.parameters())
+    monkeypatch.setattr(engine_module, "MAX_STATIC_BYTES", 2 * weights)
+    served = _openvino(trained_policy.model)
+    with torch.inference_mode():
+        for batch in (2, 3, 4):
+            x, t, c = _inputs(batch)
+            assert (served(x, t, c) - trained_policy.model(x, t, c)).abs().max() <= EXACT_TOLERANCE
+    assert [size for size, program in served._static.items() if program is not None] == [1, 2]
