@@ -40,6 +40,7 @@ OPTIONS = {
     "n_obs": PositiveInt,
     "seed": NonNegativeInt,
     "threads": PositiveInt,
+    "engine": str,
     "repeats": PositiveInt,
     "configurations": list[str],
     "out_dir": str,
@@ -66,6 +67,7 @@ def build_sessions(cfg: DictConfig) -> dict[str, tuple[dict, SessionSetup]]:
         "checkpoint": cfg.checkpoint,
         "device": cfg.device,
         "threads": cfg.threads,
+        "engine": cfg.engine,
         "check_exactness": False,
     }
     setups, policy = {}, None

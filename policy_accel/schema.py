@@ -95,15 +95,15 @@ def check_fields(obj: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> None
 
 
 def check_mapping(
-    values: Mapping[str, Any], cls: type, prefix: str = "", owner: str = "", hidden: tuple[str, ...] = ()
+    values: Mapping[str, Any], cls: type, prefix: str = "", owner: str = ""
 ) -> None:
     """Check a mapping meant for dataclass ``cls`` (options, a checkpoint's config): unknown keys, then each value.
 
-    ``owner`` names what the options belong to in the unknown-key message; ``hidden`` fields are not options.
+    ``owner`` names what the options belong to in the unknown-key message;
     """
     if not isinstance(values, Mapping):
         raise FieldError(prefix.rstrip(".") or cls.__name__, values, "expected a mapping of options")
-    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in hidden]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in values:
         if key not in names:
             where = f" of {owner}" if owner else ""

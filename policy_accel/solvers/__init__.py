@@ -28,5 +28,5 @@ def make_solver(name: str, /, **options) -> Solver:
     for key in CAPABILITIES:
         if key in options:
             raise FieldError(key, options[key], f"not an option of solver {name!r}: a property of the solver itself")
-    check_mapping(options, SOLVERS[name], owner=f"solver {name!r}", hidden=CAPABILITIES)
+    check_mapping(options, SOLVERS[name], owner=f"solver {name!r}")
     return SOLVERS[name](**options)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -136,10 +136,11 @@ class SolveResult:
 
 
 class Solver(Protocol):
-    name: str
+    # Capabilities are class attributes, never options: a user cannot relabel an approximate solver exact.
+    name: ClassVar[str]
     # True when a warm start (``init``) changes only the cost, never the answer beyond the stated tolerance;
     # False for solvers whose stopping test a good guess can pass early (ParaDiGMS compares successive iterates).
-    exact_warm_start: bool
+    exact_warm_start: ClassVar[bool]
 
     def solve(
         self,
@@ -154,8 +155,8 @@ class Solver(Protocol):
     ) -> SolveResult: ...
 
 
-class Clock:
-    """Tracks a solve's iteration and time budgets."""
+class SolveClock:
+    """Tracks one solve's iteration and time budgets (the controller's time source is ``control.Clock``)."""
 
     def __init__(self, budget: Budget | None, num_steps: int):
         budget = budget or Budget()
@@ -207,6 +208,36 @@ def step_noise(schedule: Schedule, noise: Noise) -> torch.Tensor:
 def cold_trajectory(noise: Noise, num_steps: int) -> torch.Tensor:
     """The standard cold start: every state a copy of x_T."""
     return noise.x_T.unsqueeze(0).repeat(num_steps + 1, *([1] * noise.x_T.ndim))
+
+
+def start_solve(
+    schedule: Schedule,
+    noise: Noise,
+    global_cond: torch.Tensor,
+    init: torch.Tensor | None,
+    carry: SolveState | None,
+    budget: Budget | None,
+) -> SolveClock:
+    """What every solve opens with: its inputs and warm state checked, its budget clock started."""
+    check_inputs(schedule, noise, global_cond, init)
+    check_state(carry, schedule, noise)
+    return SolveClock(budget, schedule.num_steps)
+
+
+class WorkspaceCache:
+    """A solver's buffers for the one problem shape it solves now (a controller solves one shape over and over):
+    built on the first solve of a (schedule, batch, chunk shape, dtype, device), reused until the shape changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._workspace = None
+
+    def get(self, schedule: Schedule, noise: Noise, build: Callable[[], object]):
+        x = noise.x_T
+        key = (repr(schedule.describe()), str(schedule.device), x.shape, x.dtype, str(x.device))
+        if key != self._key:
+            self._key, self._workspace = key, build()
+        return self._workspace
 
 
 def check_inputs(schedule: Schedule, noise: Noise, global_cond: torch.Tensor, init: torch.Tensor | None) -> None:
@@ -261,8 +292,3 @@ class RowStep:
         elif config.clip_sample:
             x0 = x0.clamp_(-1.0, 1.0)
         return torch.addcmul(c_y * (eps if self.schedule.is_ode else y), c_x0, x0, out=out)
-
-
-def one_step_residual(trajectory: torch.Tensor, stepped: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-    """max |y_{j+1} - step_j(y_j) - xi_j| per step and batch row, (T, B)."""
-    return (trajectory[1:] - stepped - xi).abs().flatten(2).amax(-1)

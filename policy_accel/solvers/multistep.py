@@ -6,7 +6,7 @@ import torch
 
 from policy_accel.multistep import MultistepTables
 from policy_accel.schedule import Schedule
-from policy_accel.solvers.base import Budget, Clock, Denoiser, Noise, SolveResult, check_inputs, cold_trajectory
+from policy_accel.solvers.base import Denoiser, Noise, SolveClock, SolveResult, cold_trajectory
 
 
 def solve_multistep(
@@ -14,17 +14,15 @@ def solve_multistep(
     schedule: Schedule,
     noise: Noise,
     global_cond: torch.Tensor,
-    budget: Budget | None = None,
+    clock: SolveClock,
 ) -> SolveResult:
     """Sequential sampling of a multistep schedule: one network call per step, ``schedule.num_steps`` rounds.
 
     Deterministic (an ODE solver): only ``noise.x_T`` is used. A budget stop returns the last clean prediction, like
     the sequential solver's anytime estimate.
     """
-    check_inputs(schedule, noise, global_cond, None)
     tables: MultistepTables = schedule.multistep
     T, B = schedule.num_steps, noise.x_T.shape[0]
-    clock = Clock(budget, T)
     traj = cold_trajectory(noise, T)
     y = noise.x_T
     indices = torch.arange(T, device=y.device).view(T, 1).expand(T, B)

@@ -36,8 +36,8 @@ Jacobian strategies:
   * ``chord``   - Jacobians once per solve (or carried in from the previous control step), reused.
   * ``broyden`` - chord plus a good-Broyden rank-1 secant update per step and round; no extra
                   network calls.
-How Jacobians are computed (``derivatives``, see ``step_jacobians``): finite differences (cheap, ~2e-4
-off) or forward-mode AD (exact, ~2.7x the cost on a CPU).
+How Jacobians are computed (``derivatives``): finite differences in the solver's workspace (cheap, ~2e-4 off) or
+forward-mode AD (:func:`forward_jacobians`: exact, ~2.7x the cost on a CPU).
 Safeguard: a round whose residual grew is followed by a plain step update (J = 0) instead of a
 Newton update.
 """
@@ -48,7 +48,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch.autograd import forward_ad
@@ -59,7 +59,6 @@ from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
     ROUND_SHAPES,
     Budget,
-    Clock,
     Denoiser,
     Noise,
     RoundHook,
@@ -67,21 +66,19 @@ from policy_accel.solvers.base import (
     RowStep,
     SolveResult,
     SolveState,
-    check_inputs,
-    check_state,
+    WorkspaceCache,
     evaluate_steps,
     free_rounds,
     shift_chunk,
+    start_solve,
 )
+from policy_accel.solvers.linear import RECURSIONS, BlockRecursion, recursion_block
 
 JACOBIAN_STRATEGIES = ("exact", "chord", "broyden")
 
 
 DERIVATIVES = ("finite_difference", "forward_ad")
-RECURSIONS = ("loop", "scan")
 FINITE_DIFFERENCE_STEP = 1e-3
-# Elements of a dense (T*D)^2 system per batch row beyond which "loop" also runs in blocks (256 MiB in float32).
-DENSE_LIMIT = 1 << 26
 
 
 @contextlib.contextmanager
@@ -91,28 +88,22 @@ def _dual_numbers() -> Iterator[None]:
         yield
 
 
-def step_jacobians(
+def forward_jacobians(
     denoiser: Denoiser,
     schedule: Schedule,
     states: torch.Tensor,
     step_index: torch.Tensor,
     global_cond: torch.Tensor,
-    derivatives: str = "finite_difference",
     max_rows: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step outputs (L, B, H, A) and their Jacobians wrt the input state (L, B, D, D), [out, in].
+    """Step outputs (L, B, H, A) and their exact Jacobians wrt the input state (L, B, D, D), [out, in], by
+    forward-mode AD (``derivatives=forward_ad``; finite differences run in the solver's workspace instead).
 
-    One batch with a row per (state, basis direction) e_k, L * B * D rows in chunks of at most
-    ``max_rows``, plus the L * B plain rows of the step outputs. ``derivatives``:
-      * ``finite_difference`` - rows y + h e_k, h = 1e-3: plain forward calls, but float32 rounding
-        leaves ~2e-4 error in the Jacobian entries (1e-2 where h crosses the x0 clipping kink).
-      * ``forward_ad`` - rows y with tangent e_k (dual numbers): exact to rounding, but each dual row
-        costs ~2.7 plain rows on this CPU (the tangent doubles every convolution).
-    Tangents ride in the batch rather than under ``vmap``, whose missing batching rule for Mish falls
-    back to a per-direction loop in torch 2.13.
+    One batch with a dual row per (state, basis direction) e_k, L * B * D rows in chunks of at most ``max_rows``,
+    plus the L * B plain rows of the step outputs. Exact to rounding, but each dual row costs ~2.7 plain rows on this
+    CPU (the tangent doubles every convolution). Tangents ride in the batch rather than under ``vmap``, whose missing
+    batching rule for Mish falls back to a per-direction loop in torch 2.13.
     """
-    if derivatives not in DERIVATIVES:
-        raise ValueError(f"unknown derivatives {derivatives!r}; valid: {', '.join(DERIVATIVES)}")
     L, B = states.shape[:2]
     shape = states.shape[2:]
     D = shape.numel()
@@ -120,27 +111,18 @@ def step_jacobians(
     rows_idx = step_index.repeat_interleave(B)
     cond = global_cond.repeat(L, 1)
     flat = states.reshape(L * B, *shape)
-    base = stepped.reshape(L * B, 1, D)
     per_chunk = max(1, max_rows // D)
     blocks = []
-    with _dual_numbers() if derivatives == "forward_ad" else contextlib.nullcontext():
+    with _dual_numbers():
         basis = torch.eye(D, device=states.device, dtype=states.dtype).reshape(D, *shape)
         for start in range(0, L * B, per_chunk):
             stop = min(start + per_chunk, L * B)
             n = stop - start
             primal = flat[start:stop].repeat_interleave(D, 0)  # row r*D+k: state r, direction k
-            directions = basis.repeat(n, *([1] * len(shape)))
             idx = rows_idx[start:stop].repeat_interleave(D)
-            if derivatives == "forward_ad":
-                rows = forward_ad.make_dual(primal, directions)
-            else:
-                rows = primal + FINITE_DIFFERENCE_STEP * directions
+            rows = forward_ad.make_dual(primal, basis.repeat(n, *([1] * len(shape))))
             eps = denoiser(rows, schedule.timesteps[idx], cond[start:stop].repeat_interleave(D, 0))
-            out = schedule.step(rows, eps, idx)
-            if derivatives == "forward_ad":
-                columns = forward_ad.unpack_dual(out).tangent.reshape(n, D, D)
-            else:
-                columns = (out.reshape(n, D, D) - base[start:stop]) / FINITE_DIFFERENCE_STEP
+            columns = forward_ad.unpack_dual(schedule.step(rows, eps, idx)).tangent.reshape(n, D, D)
             blocks.append(columns.transpose(1, 2))  # [row, k (input), out] -> [row, out, in]
     return stepped, torch.cat(blocks).view(L, B, D, D)
 
@@ -179,104 +161,6 @@ class NewtonState(SolveState):
             expected = (schedule.num_steps, noise.x_T.shape[0], D, D)
             if tuple(self.jacobians.shape) != expected:
                 raise ValueError(f"warm state Jacobians have shape {tuple(self.jacobians.shape)}, need {expected}")
-
-
-class BlockRecursion:
-    """All d_{j+1} = A_j d_j + c_j (j = 0..T-1, d_0 = 0) in a fixed number of operators, whatever T.
-
-    The steps are cut into nb blocks of K. Each block is a unit lower block-bidiagonal system in its K*D unknowns,
-    solved densely (one batched triangular solve, all blocks side by side) both for its own offsets and for the
-    map from the state entering it; one more triangular solve chains the nb block boundaries as affine maps on
-    [g; 1] (so its right-hand side is constant), and one batched product fills every state. K = T (one block) is
-    forward substitution, the sequential recursion in one kernel; K ~ sqrt(T) is a two-level parallel scan.
-
-    Buffers and views are built once. Callers write the coupling negated (-A_j, into ``source``) and the offsets
-    negated (-c_j, into ``offsets``) in place, call :meth:`load` and :meth:`solve`, and get -d: with both signs
-    flipped, every intermediate the boundary system needs is a plain copy.
-    """
-
-    def __init__(self, T: int, B: int, D: int, block: int, dtype: torch.dtype, device: torch.device):
-        K = max(1, min(block, T))
-        nb = math.ceil(T / K)
-        Tp = nb * K
-        self.T, self.B, self.D, self.K, self.nb = T, B, D, K, nb
-        cols = D + 1 if nb > 1 else 1  # the entering state's map (D columns) and the block's offsets
-        zeros = dict(dtype=dtype, device=device)
-        self.zero = torch.zeros((), **zeros)  # `where(..., out=)` takes tensors only
-        # -A_j for every (padded) step; padding steps stay 0 and so never couple.
-        self.source = torch.zeros(Tp, B, D, D, **zeros)
-        src = self.source.view(nb, K, B, D, D)
-        self._m1 = torch.zeros(B, nb, K * D, K * D, **zeros)  # strictly lower part used; unit diagonal implied
-        m1 = self._m1.view(B, nb, K, D, K, D)
-        # Block (i+1, i) of block n holds -A_{nK+i+1}: a (nb, K-1, B, D, D) view of the matrices.
-        self._m1_sub = torch.diagonal(m1, offset=-1, dim1=2, dim2=4).permute(1, 4, 0, 2, 3)
-        self._src_sub = src[:, 1:]
-        self._rhs1 = torch.zeros(B, nb, K * D, cols, **zeros)
-        self._x1 = torch.zeros_like(self._rhs1)
-        self.offsets = self._rhs1.view(B, Tp, D, cols)[:, :T, :, cols - 1 :].permute(1, 0, 2, 3)  # (T, B, D, 1)
-        if nb > 1:
-            # The state entering block n acts on the block's first state through A_{nK}, written as -A_{nK}: with the
-            # offsets negated too, each block's solution [maps | local] is minus the affine map [Phi | l] from its
-            # entering state g to its states (d = Phi g + l).
-            self._entry = self._rhs1.view(B, nb, K, D, cols)[:, :, 0, :, :D].permute(1, 0, 2, 3)  # (nb, B, D, D)
-            self._src_entry = src[:, 0]
-            last = self._x1.view(B, nb, K, D, cols)[:, :, K - 1]  # (B, nb, D, D+1): -(map to each block's last state)
-            # Boundaries as [g_n; 1], n = 0..nb-1: [g_0; 1] = e, [g_n; 1] - [[Phi, l], [0, 1]]_{n-1} [g_{n-1}; 1] = 0.
-            E = D + 1
-            self._m2 = torch.zeros(B, nb * E, nb * E, **zeros)
-            sub = torch.diagonal(self._m2.view(B, nb, E, nb, E), offset=-1, dim1=1, dim2=3)  # (B, E, E, nb-1)
-            sub[:, D, D].fill_(-1.0)
-            self._m2_sub = sub[:, :D]  # (B, D, D+1, nb-1) <- -[Phi, l] of blocks 0..nb-2
-            self._last_map = last[:, : nb - 1].permute(0, 2, 3, 1)
-            self._rhs2 = torch.zeros(B, nb * E, 1, **zeros)
-            self._rhs2.view(B, nb, E)[:, 0, D] = 1.0
-            self._boundary = torch.zeros(B * nb, E, 1, **zeros)  # [g_n; 1] per (row, block)
-            self._boundary_out = self._boundary.view(B, nb * E, 1)
-            self._states = self._x1.view(B * nb, K * D, cols)
-            self._delta = torch.zeros(B * nb, K * D, 1, **zeros)
-            delta = self._delta.view(B, Tp, D, 1)
-        else:
-            delta = self._x1.view(B, Tp, D, 1)
-        self.delta = delta[:, :T].permute(1, 0, 2, 3)  # (T, B, D, 1): -d_1..-d_T
-
-    def load(self, use: torch.Tensor) -> None:
-        """Write the coupling from ``source`` into the systems, zeroed for rows where ``use`` (1, B, 1, 1) is False."""
-        if self.K > 1:
-            torch.where(use, self._src_sub, self.zero, out=self._m1_sub)
-        if self.nb > 1:
-            torch.where(use, self._src_entry, self.zero, out=self._entry)
-
-    def solve(self) -> torch.Tensor:
-        """-d_1..-d_T (for offsets -c) as a (T, B, D, 1) view of a buffer this object reuses."""
-        torch.linalg.solve_triangular(self._m1, self._rhs1, upper=False, unitriangular=True, out=self._x1)
-        if self.nb > 1:
-            self._m2_sub.copy_(self._last_map)
-            torch.linalg.solve_triangular(self._m2, self._rhs2, upper=False, unitriangular=True, out=self._boundary_out)
-            torch.bmm(self._states, self._boundary, out=self._delta)  # -(Phi g + l) = [maps | local] [g; 1]
-        return self.delta
-
-
-def recursion_block(method: str, T: int, B: int, D: int) -> int:
-    """Block length of a recursion: ``loop`` one block (dense forward substitution) while it fits DENSE_LIMIT,
-    ``scan`` (and ``loop`` beyond the limit) about sqrt(T)."""
-    if method not in RECURSIONS:
-        raise ValueError(f"unknown recursion {method!r}; valid: {', '.join(RECURSIONS)}")
-    if method == "loop" and B * (T * D) ** 2 <= DENSE_LIMIT:
-        return T
-    return math.ceil(math.sqrt(T))
-
-
-def affine_recursion(coupling: torch.Tensor, offsets: torch.Tensor, method: str = "loop") -> torch.Tensor:
-    """All d_{j+1} = A_j d_j + c_j for j = 0..L-1 from d_0 = 0: coupling A (L, B, D, D), offsets c (L, B, D).
-
-    Returns (L, B, D) = d_1..d_L, through :class:`BlockRecursion` with ``method``'s block length.
-    """
-    L, B, D = offsets.shape
-    rec = BlockRecursion(L, B, D, recursion_block(method, L, B, D), offsets.dtype, offsets.device)
-    torch.neg(coupling, out=rec.source[:L])
-    torch.neg(offsets.unsqueeze(-1), out=rec.offsets)
-    rec.load(torch.ones(1, B, 1, 1, dtype=torch.bool, device=offsets.device))
-    return -rec.solve().squeeze(-1)
 
 
 class _Workspace:
@@ -368,22 +252,20 @@ class NewtonSolver:
     check_every: PositiveInt = 1  # fixed rounds: read the convergence status from the device every k rounds
     rounds: Literal[ROUND_SHAPES] = "auto"  # fixed | free | auto (fixed on CUDA, free elsewhere)
     max_rows: PositiveInt = 4096  # largest network call of a Jacobian round; more rows are split into calls
-    name: str = "newton"
-    exact_warm_start: bool = True
-    _workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    name: ClassVar[str] = "newton"
+    exact_warm_start: ClassVar[bool] = True
+    _workspaces: WorkspaceCache = field(default_factory=WorkspaceCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
 
     def _workspace(self, schedule: Schedule, noise: Noise) -> _Workspace:
-        x = noise.x_T
-        fd = self.derivatives == "finite_difference"
-        key = (repr(schedule.describe()), str(schedule.device), x.shape, x.dtype, str(x.device))
-        ws = self._workspaces.get(key)
-        if ws is None:
-            ws = _Workspace(schedule, x.shape[0], x.shape[1:], x.dtype, x.device, self.recursion, fd)
-            self._workspaces = {key: ws}  # one shape at a time: a controller solves one shape over and over
-        return ws
+        x, fd = noise.x_T, self.derivatives == "finite_difference"
+        return self._workspaces.get(
+            schedule,
+            noise,
+            lambda: _Workspace(schedule, x.shape[0], x.shape[1:], x.dtype, x.device, self.recursion, fd),
+        )
 
     def _network(self, denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -414,7 +296,7 @@ class NewtonSolver:
         states = ws.traj[lo:-1]
         steps = torch.arange(lo, T, device=states.device)
         cond = ws.plain_cond[:B]
-        stepped, jac = step_jacobians(denoiser, schedule, states, steps, cond, self.derivatives, self.max_rows)
+        stepped, jac = forward_jacobians(denoiser, schedule, states, steps, cond, self.max_rows)
         torch.neg(jac, out=ws.negjac[lo:])
         return stepped.reshape(T - lo, B, D, 1) + ws.xi[lo:]
 
@@ -451,10 +333,8 @@ class NewtonSolver:
         carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        check_inputs(schedule, noise, global_cond, init)
-        check_state(carry, schedule, noise)
+        clock = start_solve(schedule, noise, global_cond, init, carry, budget)
         T, B = schedule.num_steps, noise.x_T.shape[0]
-        clock = Clock(budget, T)
         free = free_rounds(self.rounds, noise.x_T.device)
         check_every = 1 if free else self.check_every  # free rounds read the suffix's start every round
         ws = self._workspace(schedule, noise)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -32,19 +32,19 @@ from policy_accel.schema import PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
     ROUND_SHAPES,
     Budget,
-    Clock,
     Denoiser,
     Noise,
     RoundHook,
     RoundTrace,
     RowStep,
+    SolveClock,
     SolveResult,
     SolveState,
-    check_inputs,
-    check_state,
+    WorkspaceCache,
     cold_trajectory,
     evaluate_steps,
     free_rounds,
+    start_solve,
     step_noise,
 )
 
@@ -97,23 +97,21 @@ class ParadigmsSolver:
     tolerance: PositiveFloat = 0.01  # ParaDiGMS uses 0.1; measured here it let one of 30 PushT solves end 0.53 off
     check_every: PositiveInt = 1  # fixed rounds: read the convergence status from the device every k rounds
     rounds: Literal[ROUND_SHAPES] = "auto"  # fixed | free | auto (fixed on CUDA, free elsewhere)
-    name: str = "paradigms"
+    name: ClassVar[str] = "paradigms"
     # Its stopping test compares successive iterates, which a good initial guess passes early (0.24 off on Can).
-    exact_warm_start: bool = False
-    _workspaces: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    exact_warm_start: ClassVar[bool] = False
+    _workspaces: WorkspaceCache = field(default_factory=WorkspaceCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
 
     def _workspace(self, schedule: Schedule, noise: Noise) -> _Workspace:
-        x = noise.x_T
-        key = (repr(schedule.describe()), str(schedule.device), x.shape, x.dtype, str(x.device))
-        ws = self._workspaces.get(key)
-        if ws is None:
-            p = min(self.window, schedule.num_steps)
-            ws = _Workspace(schedule, x.shape[0], x.shape[1:], p, self.check_every, x.dtype, x.device)
-            self._workspaces = {key: ws}
-        return ws
+        x, p = noise.x_T, min(self.window, schedule.num_steps)
+        return self._workspaces.get(
+            schedule,
+            noise,
+            lambda: _Workspace(schedule, x.shape[0], x.shape[1:], p, self.check_every, x.dtype, x.device),
+        )
 
     def solve(
         self,
@@ -126,12 +124,10 @@ class ParadigmsSolver:
         carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        check_inputs(schedule, noise, global_cond, init)
-        check_state(carry, schedule, noise)
+        clock = start_solve(schedule, noise, global_cond, init, carry, budget)
         if free_rounds(self.rounds, noise.x_T.device):
-            return self._solve_free(denoiser, schedule, noise, global_cond, init, budget, trace)
+            return self._solve_free(denoiser, schedule, noise, global_cond, init, clock, trace)
         T, B = schedule.num_steps, noise.x_T.shape[0]
-        clock = Clock(budget, T)
         ws = self._workspace(schedule, noise)
         p = ws.p
         if init is None:
@@ -203,13 +199,12 @@ class ParadigmsSolver:
         noise: Noise,
         global_cond: torch.Tensor,
         init: torch.Tensor | None,
-        budget: Budget | None,
+        clock: SolveClock,
         trace: RoundHook | None,
     ) -> SolveResult:
         """Free-shape rounds: the live window only, new states continuing the chain (module docstring)."""
         T, B = schedule.num_steps, noise.x_T.shape[0]
         D = noise.x_T[0].numel()
-        clock = Clock(budget, T)
         xi = step_noise(schedule, noise)
         traj = cold_trajectory(noise, T) if init is None else init.clone()
         traj[0] = noise.x_T

@@ -18,6 +18,7 @@ comes out non-finite ends unconverged (``stop_reason="non_finite"``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -25,18 +26,16 @@ from policy_accel.schedule import Schedule
 from policy_accel.schema import NonNegativeFloat, PositiveFloat, PositiveInt, check_fields
 from policy_accel.solvers.base import (
     Budget,
-    Clock,
     Denoiser,
     Noise,
     RoundHook,
     RoundTrace,
     SolveResult,
     SolveState,
-    check_inputs,
-    check_state,
     cold_trajectory,
     evaluate_steps,
     non_finite,
+    start_solve,
     step_noise,
 )
 
@@ -51,8 +50,8 @@ class ParaTAASolver:
     ridge: PositiveFloat = 1e-3
     tol_abs: PositiveFloat = 1e-4
     tol_rel: NonNegativeFloat = 1e-4
-    name: str = "parataa"
-    exact_warm_start: bool = True
+    name: ClassVar[str] = "parataa"
+    exact_warm_start: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -68,12 +67,10 @@ class ParaTAASolver:
         carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        check_inputs(schedule, noise, global_cond, init)
-        check_state(carry, schedule, noise)
+        clock = start_solve(schedule, noise, global_cond, init, carry, budget)
         T, B = schedule.num_steps, noise.x_T.shape[0]
         D = noise.x_T[0].numel()
         device = noise.x_T.device
-        clock = Clock(budget, T)
         xi = step_noise(schedule, noise).reshape(T, B, D)
         traj = (cold_trajectory(noise, T) if init is None else init.clone()).reshape(T + 1, B, D)
         traj[0] = noise.x_T.reshape(B, D)

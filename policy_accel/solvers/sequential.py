@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
 from policy_accel.schedule import Schedule
 from policy_accel.solvers.base import (
     Budget,
-    Clock,
     Denoiser,
     Noise,
     RoundHook,
     SolveResult,
     SolveState,
-    check_inputs,
-    check_state,
     cold_trajectory,
     non_finite,
+    start_solve,
     step_noise,
 )
 from policy_accel.solvers.multistep import solve_multistep
@@ -32,8 +31,8 @@ class SequentialSolver:
     A sample that comes out non-finite ends the solve unconverged (``stop_reason="non_finite"``): one host read.
     """
 
-    name: str = "sequential"
-    exact_warm_start: bool = True
+    name: ClassVar[str] = "sequential"
+    exact_warm_start: ClassVar[bool] = True
 
     def solve(
         self,
@@ -46,12 +45,10 @@ class SequentialSolver:
         carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        check_state(carry, schedule, noise)
+        clock = start_solve(schedule, noise, global_cond, init if not schedule.is_multistep else None, carry, budget)
         if schedule.is_multistep:  # DPM-Solver++ / UniPC: not a one-step chain (policy_accel/multistep.py)
-            return _flag_non_finite(solve_multistep(denoiser, schedule, noise, global_cond, budget))
-        check_inputs(schedule, noise, global_cond, init)
+            return _flag_non_finite(solve_multistep(denoiser, schedule, noise, global_cond, clock))
         T, B = schedule.num_steps, noise.x_T.shape[0]
-        clock = Clock(budget, T)
         xi = step_noise(schedule, noise)
         program = fused_chain(denoiser, schedule) if budget is None else None
         if program is not None:  # the whole chain as one compiled program (policy_accel/model/engine.py)
