@@ -94,9 +94,7 @@ def check_fields(obj: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> None
             check_value(getattr(obj, f.name), hints[f.name], prefix + f.name)
 
 
-def check_mapping(
-    values: Mapping[str, Any], cls: type, prefix: str = "", owner: str = ""
-) -> None:
+def check_mapping(values: Mapping[str, Any], cls: type, prefix: str = "", owner: str = "") -> None:
     """Check a mapping meant for dataclass ``cls`` (options, a checkpoint's config): unknown keys, then each value.
 
     ``owner`` names what the options belong to in the unknown-key message;

@@ -62,7 +62,7 @@ def test_newton_free_rounds_return_the_fixed_rounds_answer_with_fewer_rows(train
             cold = solver.solve(net, schedule, noise, cond)
             warm = solver.solve(net, schedule, noise, cond, init=_warm_guess(cold.trajectory, noise), carry=cold.state)
             results[rounds] = cold, warm
-    for (fixed, free) in zip(results["fixed"], results["free"], strict=True):
+    for fixed, free in zip(results["fixed"], results["free"], strict=True):
         assert free.converged and fixed.converged
         assert free.row_iterations == fixed.row_iterations and free.iterations == fixed.iterations
         assert (free.sample - fixed.sample).abs().max() <= 1e-5
