@@ -185,7 +185,7 @@ class Session:
 
     def prepare(self) -> None:
         """Compile what the policy's engine can run as one program for this session (the sequential chains of its
-        sampler and re-noise tail): now, before a control loop, never inside its first inference. Call it again
+        sampler and its warm start's tails): now, before a control loop, never inside its first inference. Call it again
         after changing the policy's engine."""
         if self.solver.name == "sequential":
             for chain in self.warm.chains(self.schedule):

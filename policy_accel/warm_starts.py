@@ -401,6 +401,7 @@ class WarmStart:
     exact: ClassVar[bool] = False
     checkable: ClassVar[bool] = True
     options_key: ClassVar[str | None] = None
+    tail_fill: str = "repeat"  # the config's tail_fill, recorded as given (only Exact uses it)
 
     def __init__(self) -> None:
         self.previous: SolveResult | None = None
@@ -461,7 +462,12 @@ class WarmStart:
 
     def record(self) -> dict:
         """results.json's fields for this warm start (the names runs have always recorded)."""
-        return {"warm_start": self.key, "renoise_steps": None, "warm_options": self.options(), "tail_fill": "repeat"}
+        return {
+            "warm_start": self.key,
+            "renoise_steps": None,
+            "warm_options": self.options(),
+            "tail_fill": self.tail_fill,
+        }
 
     def label(self) -> str:
         """Its part of a configuration's short name (" warm", " renoise-k2", ...)."""
@@ -528,7 +534,9 @@ def make_warm_start(
     if options and options_key(warm_start) is None:
         takes = " or ".join(repr(k) for c in WARM_STARTS for k in _keys(c) if options_key(k) is not None)
         raise ValueError(f"warm_options {options} are only used with warm_start={takes}")
-    return cls.from_config(warm_start, renoise_steps, tail_fill, options)
+    warm = cls.from_config(warm_start, renoise_steps, tail_fill, options)
+    warm.tail_fill = tail_fill  # recorded as runs always have (results.json identity), used by Exact alone
+    return warm
 
 
 def warm_start_of(record: dict) -> WarmStart:
@@ -539,7 +547,9 @@ def warm_start_of(record: dict) -> WarmStart:
     if cls is None:
         raise ValueError(f"unknown warm_start {record['warm_start']!r}; valid: {warm_start_choices()}")
     tail_fill = (record["_tail_fill"] if "_tail_fill" in record else record.get("tail_fill")) or "repeat"
-    return cls.from_config(record["warm_start"], record.get("renoise_steps"), tail_fill, options)
+    warm = cls.from_config(record["warm_start"], record.get("renoise_steps"), tail_fill, options)
+    warm.tail_fill = tail_fill
+    return warm
 
 
 @register
@@ -597,9 +607,6 @@ class Exact(WarmStart):
             tail_noise = step_noise(schedule, noise)[:, :, keep:, :]
             init[:, :, keep:, :] = tail_chain(schedule, clean, noise.x_T[:, keep:, :], tail_noise)
         return Chain(schedule, noise, init, state, warm=True)
-
-    def record(self) -> dict:
-        return {**super().record(), "tail_fill": self.tail_fill}
 
     def label(self) -> str:
         return " warm"

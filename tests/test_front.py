@@ -164,7 +164,7 @@ def test_rollout_records_approximate_overrides_and_hardware(tmp_path, experiment
     assert results["experiment"] == experiment and f"+experiment={experiment}" in results["overrides"]
     assert results["hardware"].startswith(("CPU:", "GPU:")) and "torch" in results["hardware"]
     assert results["iterations"]["cold_mean"] == 10 and results["iterations"]["warm_mean"] == 2
-    assert "APPROXIMATE warm start" in run.stdout and "(approx.)" in run.stdout
+    assert "APPROXIMATE configuration (warm_start=renoise renoise_steps=2" in run.stdout and "(approx.)" in run.stdout
     rerun = subprocess.run(  # skip_existing recognises the same configuration
         [sys.executable, str(ROOT / "eval" / "rollout.py"), f"+experiment={experiment}", "threads=1",
          "seeds=[100000]", f"out_dir={tmp_path}", "skip_existing=true"],
