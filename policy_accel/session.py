@@ -33,9 +33,9 @@ from policy_accel.observations import ObservationHistory, check_observation
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
 from policy_accel.schema import PositiveInt, check_value
-from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult
+from policy_accel.solvers.base import Budget, Noise, Solver, SolveResult, shift_chunk
 from policy_accel.solvers.sequential import SequentialSolver, fused_chain
-from policy_accel.warm_starts import TAIL_FILLS, WarmStart, make_warm_start, shift_filled
+from policy_accel.warm_starts import TAIL_FILLS, WarmStart, make_warm_start
 
 NOISE_POLICIES = ("fresh", "coupled")
 # The constructor's schema (policy_accel/schema.py): check_exactness="no" would read as true, seed=1.5 fail in torch.
@@ -160,8 +160,8 @@ class Session:
         shift = self.policy.config.n_action_steps
         keep = self.policy.config.horizon - shift
         return Noise(
-            shift_filled(previous.x_T, shift, fresh.x_T[..., keep:, :]),
-            shift_filled(previous.z, shift, fresh.z[..., keep:, :]),
+            shift_chunk(previous.x_T, shift, fresh.x_T[..., keep:, :]),
+            shift_chunk(previous.z, shift, fresh.z[..., keep:, :]),
         )
 
     def _raise_non_finite(self, result: SolveResult, cond: torch.Tensor) -> None:

@@ -92,14 +92,6 @@ log = logging.getLogger(__name__)
 TAIL_FILLS = ("repeat", "chain")
 
 
-def shift_filled(x: torch.Tensor, shift: int, fill: torch.Tensor) -> torch.Tensor:
-    """``x`` (..., H, A) shifted left by ``shift`` along H (:func:`~policy_accel.solvers.base.shift_chunk`), the new
-    tail positions taken from ``fill`` (..., shift, A) instead of repeating the last one."""
-    out = shift_chunk(x, shift)
-    out[..., x.shape[-2] - shift :, :] = fill
-    return out
-
-
 def tail_chain(schedule: Schedule, clean: torch.Tensor, x_T: torch.Tensor, added_noise: torch.Tensor) -> torch.Tensor:
     """The chain (T+1, *x_T.shape) from ``x_T`` with per-step noise ``added_noise`` (T, ...) for a denoiser that
     predicts ``clean`` (shaped like ``x_T``) at every level: each step's epsilon maps its state to ``clean``."""
@@ -197,7 +189,7 @@ def falcon_age(
         if (e.age + 1) * shift >= horizon:
             continue
         fill = schedule.sqrt_alpha_prod[e.step] * last + schedule.sqrt_beta_prod[e.step] * x_T[..., -shift:, :]
-        kept.append(FalconEntry(e.step, shift_filled(e.state, shift, fill), e.valid, e.age + 1))
+        kept.append(FalconEntry(e.step, shift_chunk(e.state, shift, fill), e.valid, e.age + 1))
     return kept
 
 

@@ -11,7 +11,7 @@ from policy_accel.session import Session
 from policy_accel.solvers import make_solver
 from policy_accel.solvers.base import Noise, shift_chunk, step_noise
 from policy_accel.solvers.newton import shift_jacobians
-from policy_accel.warm_starts import shift_filled, tail_chain
+from policy_accel.warm_starts import tail_chain
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_shift_chunk_and_its_filled_tail():
     x = torch.arange(6.0).view(1, 6, 1)
     assert shift_chunk(x, 2).flatten().tolist() == [2, 3, 4, 5, 5, 5]
     fill = torch.tensor([[[9.0], [8.0]]])
-    assert shift_filled(x, 2, fill).flatten().tolist() == [2, 3, 4, 5, 9, 8]
+    assert shift_chunk(x, 2, fill).flatten().tolist() == [2, 3, 4, 5, 9, 8]
     assert x.flatten().tolist() == [0, 1, 2, 3, 4, 5]  # the input is left as it was
 
 

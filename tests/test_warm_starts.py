@@ -12,7 +12,7 @@ import torch
 from policy_accel.session import Session
 from policy_accel.solvers import make_solver
 from policy_accel.solvers.base import Noise, shift_chunk
-from policy_accel.warm_starts import FalconConfig, RTIConfig, TailRestart, falcon_select, rti_guess, shift_filled
+from policy_accel.warm_starts import FalconConfig, RTIConfig, TailRestart, falcon_select, rti_guess
 
 
 def _obs(seed: int) -> np.ndarray:
@@ -119,7 +119,7 @@ def test_falcon_warm_result_is_the_tail_solve_from_the_chosen_candidate(trained_
         noise2 = trained_policy.draw_noise(schedule, 1, g)
         entry, last = state.entries[0], state.previous_sample[:, -1:, :].expand(1, 8, 2)
         fill = schedule.sqrt_alpha_prod[7] * last + schedule.sqrt_beta_prod[7] * noise2.x_T[:, -8:, :]
-        start = shift_filled(entry.state, 8, fill)
+        start = shift_chunk(entry.state, 8, fill)
         result, _, info = falcon_solve(state, trained_policy.denoiser, solver, schedule, noise2, cond, 8, config, g)
         assert info["start_steps"] == [7]
         # the candidate: the level-7 state shifted by 8, its new tail the last clean action noised to level 7

@@ -80,11 +80,13 @@ class SolveState:
             )
 
 
-def shift_chunk(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """``x`` (..., H, A) shifted left by ``shift`` along H, the tail repeating the last position."""
+def shift_chunk(x: torch.Tensor, shift: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., H, A) shifted left by ``shift`` along H; the new tail positions are ``fill`` (..., shift, A) or,
+    without it, repeat the last position."""
     if not 0 <= shift <= x.shape[-2]:
         raise ValueError(f"shift={shift} must be in [0, {x.shape[-2]}]")
-    return torch.cat([x[..., shift:, :], x[..., -1:, :].expand(*x.shape[:-2], shift, x.shape[-1])], dim=-2)
+    tail = x[..., -1:, :].expand(*x.shape[:-2], shift, x.shape[-1]) if fill is None else fill
+    return torch.cat([x[..., shift:, :], tail], dim=-2)
 
 
 def check_state(state: SolveState | None, schedule: Schedule, noise: Noise) -> None:
