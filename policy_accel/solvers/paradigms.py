@@ -258,5 +258,5 @@ class ParadigmsSolver:
             residual=0.0 if stop == "converged" else worst,
             wall_time_s=clock.elapsed(),
             stop_reason=stop,
-            state=SolveState(traj.clone()),
+            state=SolveState(traj),  # shared with `trajectory`, as on fixed rounds (both are this solve's own copy)
         )
