@@ -161,7 +161,7 @@ class ProfiledSolver:
         self.name, self.exact_warm_start = solver.name, solver.exact_warm_start
         self.records: list[SolveRecord] = []
 
-    def solve(self, denoiser: Denoiser, schedule, noise, global_cond, init=None, budget=None, carry=None, trace=None):
+    def solve(self, denoiser: Denoiser, schedule, noise, global_cond, warm=None, budget=None, trace=None):
         device = noise.x_T.device
         network = [0.0]
 
@@ -178,9 +178,9 @@ class ProfiledSolver:
         start = time.perf_counter()
         with counter if counter is not None else contextlib.nullcontext():
             net = counter.wrap(timed) if counter is not None else timed
-            result = self.solver.solve(net, schedule, noise, global_cond, init, budget, carry, trace)
+            result = self.solver.solve(net, schedule, noise, global_cond, warm, budget, trace)
         _sync(device)
-        record = SolveRecord(init is not None, result.iterations, time.perf_counter() - start, network[0])
+        record = SolveRecord(warm is not None, result.iterations, time.perf_counter() - start, network[0])
         if counter is not None:
             record.ops, record.host_reads = counter.ops, counter.host_reads
         self.records.append(record)

@@ -360,12 +360,12 @@ def falcon_solve(
 @dataclass
 class Chain:
     """What one inference solves: a schedule (the sampler's, or its tail), its noise (``x_T`` is the start), and for
-    an exact warm start the solver's initial trajectory and warm state. ``warm``: it starts from the previous one."""
+    an exact warm start the solver's warm state (initial trajectory, e.g. Newton's Jacobians). ``warm``: it starts
+    from the previous inference."""
 
     schedule: Schedule
     noise: Noise
-    init: torch.Tensor | None = None
-    carry: SolveState | None = None
+    state: SolveState | None = None
     warm: bool = False
 
 
@@ -438,9 +438,7 @@ class WarmStart:
         generator: torch.Generator,
     ) -> tuple[SolveResult, bool]:
         """(the solve of ``chain``, whether it was warm)."""
-        result = solver.solve(
-            denoiser, chain.schedule, chain.noise, cond, init=chain.init, budget=budget, carry=chain.carry
-        )
+        result = solver.solve(denoiser, chain.schedule, chain.noise, cond, warm=chain.state, budget=budget)
         return result, chain.warm
 
     def update(self, result: SolveResult) -> None:
@@ -591,14 +589,14 @@ class Exact(WarmStart):
         result = self.previous
         # The solver's warm state (trajectory, plus e.g. Newton's Jacobians) shifted by the executed actions.
         state = (result.state or SolveState(result.trajectory)).shifted(shift)
-        init = state.trajectory
+        init = state.trajectory  # the shifted copy: its start and tail are rewritten for this inference
         init[0] = noise.x_T
         if self.tail_fill == "chain":
             keep = noise.x_T.shape[-2] - shift
             clean = result.sample[:, -1:, :].expand(-1, shift, -1)
             tail_noise = step_noise(schedule, noise)[:, :, keep:, :]
             init[:, :, keep:, :] = tail_chain(schedule, clean, noise.x_T[:, keep:, :], tail_noise)
-        return Chain(schedule, noise, init, state, warm=True)
+        return Chain(schedule, noise, state, warm=True)
 
     def label(self) -> str:
         return " warm"

@@ -8,7 +8,7 @@ import torch
 
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.solvers import make_solver
-from policy_accel.solvers.base import Budget, Noise
+from policy_accel.solvers.base import Budget, Noise, SolveState
 
 STEPS = 16
 PARALLEL = ["newton", "paradigms", "parataa"]
@@ -39,7 +39,7 @@ def test_one_round_returns_a_finite_chunk_flagged_unconverged(random_net, name, 
     _, init = _init(random_net, schedule, noise, cond, g)
     with torch.inference_mode():
         result = make_solver(name).solve(
-            random_net, schedule, noise, cond, init=init if warm else None, budget=Budget(max_iterations=1)
+            random_net, schedule, noise, cond, warm=SolveState(init) if warm else None, budget=Budget(max_iterations=1)
         )
     assert not result.converged and result.stop_reason == "iteration_budget" and result.iterations == 1
     assert result.sample.shape == (2, 16, 2) and torch.isfinite(result.sample).all()
@@ -53,7 +53,12 @@ def test_a_budget_of_t_rounds_returns_the_exact_sample(random_net, name, warm):
     options = {"tolerance": 1e-3} if name == "paradigms" else {}  # warm ParaDiGMS at tau 0.01 is not safe (README)
     with torch.inference_mode():
         result = make_solver(name, **options).solve(
-            random_net, schedule, noise, cond, init=init if warm else None, budget=Budget(max_iterations=STEPS)
+            random_net,
+            schedule,
+            noise,
+            cond,
+            warm=SolveState(init) if warm else None,
+            budget=Budget(max_iterations=STEPS),
         )
     assert result.converged and result.stop_reason == "converged" and result.iterations <= STEPS
     assert (result.sample - reference.sample).abs().max() <= 1e-3

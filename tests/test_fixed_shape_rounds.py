@@ -136,11 +136,11 @@ def test_warm_states_of_the_wrong_kind_or_shape_are_refused(random_net):
         result = solver.solve(random_net, schedule, noise, cond)
         assert isinstance(result.state, NewtonState) and result.state.jacobians.shape == (10, 2, 32, 32)
         with pytest.raises(ValueError, match="SolveState"):
-            solver.solve(random_net, schedule, noise, cond, carry={"jacobians": result.state.jacobians})
+            solver.solve(random_net, schedule, noise, cond, warm={"jacobians": result.state.jacobians})
         with pytest.raises(ValueError, match="Jacobians have shape"):
-            solver.solve(random_net, schedule, noise, cond, carry=NewtonState(result.trajectory, torch.zeros(3, 2)))
+            solver.solve(random_net, schedule, noise, cond, warm=NewtonState(result.trajectory, torch.zeros(3, 2)))
         with pytest.raises(ValueError, match="trajectory has shape"):
-            make_solver("paradigms").solve(random_net, schedule, noise, cond, carry=SolveState(torch.zeros(5, 2)))
+            make_solver("paradigms").solve(random_net, schedule, noise, cond, warm=SolveState(torch.zeros(5, 2)))
 
 
 def test_newton_state_shifts_its_trajectory_and_jacobians_like_the_chunk():
@@ -159,7 +159,7 @@ def test_carried_jacobians_skip_the_jacobian_round_and_keep_the_answer(random_ne
     with torch.inference_mode():
         reference = make_solver("sequential").solve(random_net, schedule, noise, cond)
         cold = solver.solve(random_net, schedule, noise, cond)
-        warm = solver.solve(random_net, schedule, noise, cond, carry=cold.state)
+        warm = solver.solve(random_net, schedule, noise, cond, warm=cold.state)
     # No Jacobian rows in the warm solve (free rounds evaluate fewer than 10 steps after the first round).
     assert warm.nfe <= warm.iterations * 10 and cold.nfe >= 10 * 33
     assert warm.converged and (warm.sample - reference.sample).abs().max() <= 1e-3

@@ -3,6 +3,8 @@ ParaDiGMS' live window), and returns what the fixed-shape rounds return, in as m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -60,7 +62,9 @@ def test_newton_free_rounds_return_the_fixed_rounds_answer_with_fewer_rows(train
         for rounds in ("fixed", "free"):
             solver = make_solver("newton", rounds=rounds, **options)
             cold = solver.solve(net, schedule, noise, cond)
-            warm = solver.solve(net, schedule, noise, cond, init=_warm_guess(cold.trajectory, noise), carry=cold.state)
+            warm = solver.solve(
+                net, schedule, noise, cond, warm=replace(cold.state, trajectory=_warm_guess(cold.trajectory, noise))
+            )
             results[rounds] = cold, warm
     for fixed, free in zip(results["fixed"], results["free"], strict=True):
         assert free.converged and fixed.converged
@@ -77,7 +81,9 @@ def test_newton_free_rounds_evaluate_only_the_unfinished_suffix(trained_policy):
     solver = make_solver("newton", jacobian="broyden")
     with torch.inference_mode():
         cold = solver.solve(trained_policy.denoiser, schedule, noise, cond)
-        warm = solver.solve(net, schedule, noise, cond, init=_warm_guess(cold.trajectory, noise), carry=cold.state)
+        warm = solver.solve(
+            net, schedule, noise, cond, warm=replace(cold.state, trajectory=_warm_guess(cold.trajectory, noise))
+        )
     assert warm.converged and len(net.rows) == warm.iterations
     assert net.rows[0] == 100 and all(b <= a for a, b in zip(net.rows, net.rows[1:], strict=False))
     assert net.rows[-1] < 100 and warm.nfe == sum(net.rows)

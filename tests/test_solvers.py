@@ -8,7 +8,7 @@ import torch
 
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.solvers import make_solver
-from policy_accel.solvers.base import Budget, Noise
+from policy_accel.solvers.base import Budget, Noise, SolveState
 from policy_accel.solvers.linear import BlockRecursion, recursion_block
 
 # (solver, options, max |parallel - sequential| in normalized action units)
@@ -46,7 +46,8 @@ def _solve_both(net, kind, steps, batch, name, options, cond_dim, seed=0, init=N
     cond = torch.randn(batch, cond_dim, generator=g).clamp(-1, 1)
     with torch.inference_mode():
         reference = make_solver("sequential").solve(net, schedule, noise, cond)
-        result = make_solver(name, **options).solve(net, schedule, noise, cond, init=init)
+        warm = None if init is None else SolveState(init)
+        result = make_solver(name, **options).solve(net, schedule, noise, cond, warm=warm)
     return reference, result
 
 
@@ -131,8 +132,8 @@ def test_mismatched_noise_and_init_are_rejected(random_net):
         solver.solve(random_net, schedule, Noise.draw(10, (1, 16, 2)), torch.zeros(1, 36))
     with pytest.raises(ValueError, match="global_cond batch"):
         solver.solve(random_net, schedule, noise, torch.zeros(2, 36))
-    with pytest.raises(ValueError, match="init trajectory"):
-        solver.solve(random_net, schedule, noise, torch.zeros(1, 36), init=torch.zeros(5, 1, 16, 2))
+    with pytest.raises(ValueError, match="warm state trajectory has shape"):
+        solver.solve(random_net, schedule, noise, torch.zeros(1, 36), warm=SolveState(torch.zeros(5, 1, 16, 2)))
 
 
 @pytest.mark.parametrize("kwargs", [{"max_iterations": 0}, {"time_s": 0.0}])

@@ -61,9 +61,10 @@ class Budget:
 
 @dataclass
 class SolveState:
-    """What one solve hands the next as its warm start: the chain estimate, and (subclasses) noise-independent
-    solver state such as Newton's Jacobians. ``shifted`` moves it along the (horizon, action_dim) chunk by the
-    actions executed in between; the overlap keeps its values and each new tail position repeats the last one."""
+    """A solve's warm start, and what one solve hands the next: the chain estimate (the initial trajectory of the
+    solve it warms), and (subclasses) noise-independent solver state such as Newton's Jacobians. ``shifted`` moves
+    it along the (horizon, channels) chunk by the actions executed in between; the overlap keeps its values and each
+    new tail position repeats the last one."""
 
     trajectory: torch.Tensor  # (T+1, B, H, A)
 
@@ -140,7 +141,7 @@ class SolveResult:
 class Solver(Protocol):
     # Capabilities are class attributes, never options: a user cannot relabel an approximate solver exact.
     name: ClassVar[str]
-    # True when a warm start (``init``) changes only the cost, never the answer beyond the stated tolerance;
+    # True when a warm start (``warm``) changes only the cost, never the answer beyond the stated tolerance;
     # False for solvers whose stopping test a good guess can pass early (ParaDiGMS compares successive iterates).
     exact_warm_start: ClassVar[bool]
 
@@ -150,9 +151,8 @@ class Solver(Protocol):
         schedule: Schedule,
         noise: Noise,
         global_cond: torch.Tensor,
-        init: torch.Tensor | None = None,
+        warm: SolveState | None = None,
         budget: Budget | None = None,
-        carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult: ...
 
@@ -213,16 +213,11 @@ def cold_trajectory(noise: Noise, num_steps: int) -> torch.Tensor:
 
 
 def start_solve(
-    schedule: Schedule,
-    noise: Noise,
-    global_cond: torch.Tensor,
-    init: torch.Tensor | None,
-    carry: SolveState | None,
-    budget: Budget | None,
+    schedule: Schedule, noise: Noise, global_cond: torch.Tensor, warm: SolveState | None, budget: Budget | None
 ) -> SolveClock:
     """What every solve opens with: its inputs and warm state checked, its budget clock started."""
-    check_inputs(schedule, noise, global_cond, init)
-    check_state(carry, schedule, noise)
+    check_inputs(schedule, noise, global_cond)
+    check_state(warm, schedule, noise)
     return SolveClock(budget, schedule.num_steps)
 
 
@@ -242,7 +237,7 @@ class WorkspaceCache:
         return self._workspace
 
 
-def check_inputs(schedule: Schedule, noise: Noise, global_cond: torch.Tensor, init: torch.Tensor | None) -> None:
+def check_inputs(schedule: Schedule, noise: Noise, global_cond: torch.Tensor) -> None:
     T = schedule.num_steps
     if noise.z.shape[0] != T or noise.z.shape[1:] != noise.x_T.shape:
         raise ValueError(
@@ -250,8 +245,6 @@ def check_inputs(schedule: Schedule, noise: Noise, global_cond: torch.Tensor, in
         )
     if global_cond.shape[0] != noise.x_T.shape[0]:
         raise ValueError(f"global_cond batch {global_cond.shape[0]} != sample batch {noise.x_T.shape[0]}")
-    if init is not None and init.shape != (T + 1, *noise.x_T.shape):
-        raise ValueError(f"init trajectory must have shape {(T + 1, *noise.x_T.shape)}, got {tuple(init.shape)}")
 
 
 def non_finite(result_sample: torch.Tensor) -> bool:

@@ -328,17 +328,17 @@ class NewtonSolver:
         schedule: Schedule,
         noise: Noise,
         global_cond: torch.Tensor,
-        init: torch.Tensor | None = None,
+        warm: SolveState | None = None,
         budget: Budget | None = None,
-        carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        clock = start_solve(schedule, noise, global_cond, init, carry, budget)
+        clock = start_solve(schedule, noise, global_cond, warm, budget)
+        init = None if warm is None else warm.trajectory
         T, B = schedule.num_steps, noise.x_T.shape[0]
         free = free_rounds(self.rounds, noise.x_T.device)
         check_every = 1 if free else self.check_every  # free rounds read the suffix's start every round
         ws = self._workspace(schedule, noise)
-        carried = carry.jacobians if isinstance(carry, NewtonState) and self.jacobian != "exact" else None
+        carried = warm.jacobians if isinstance(warm, NewtonState) and self.jacobian != "exact" else None
         ws.start(noise, global_cond, init, None if carried is None else -carried)
         have_jacobians = carried is not None
         exact_estimate = self.jacobian == "exact" and self.step_tolerance is not None

@@ -119,12 +119,12 @@ class ParadigmsSolver:
         schedule: Schedule,
         noise: Noise,
         global_cond: torch.Tensor,
-        init: torch.Tensor | None = None,
+        warm: SolveState | None = None,
         budget: Budget | None = None,
-        carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        clock = start_solve(schedule, noise, global_cond, init, carry, budget)
+        clock = start_solve(schedule, noise, global_cond, warm, budget)
+        init = None if warm is None else warm.trajectory
         if free_rounds(self.rounds, noise.x_T.device):
             return self._solve_free(denoiser, schedule, noise, global_cond, init, clock, trace)
         T, B = schedule.num_steps, noise.x_T.shape[0]

@@ -62,12 +62,12 @@ class ParaTAASolver:
         schedule: Schedule,
         noise: Noise,
         global_cond: torch.Tensor,
-        init: torch.Tensor | None = None,
+        warm: SolveState | None = None,
         budget: Budget | None = None,
-        carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        clock = start_solve(schedule, noise, global_cond, init, carry, budget)
+        clock = start_solve(schedule, noise, global_cond, warm, budget)
+        init = None if warm is None else warm.trajectory
         T, B = schedule.num_steps, noise.x_T.shape[0]
         D = noise.x_T[0].numel()
         device = noise.x_T.device

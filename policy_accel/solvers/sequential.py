@@ -25,7 +25,7 @@ from policy_accel.solvers.multistep import solve_multistep
 
 @dataclass
 class SequentialSolver:
-    """One network call per step, T sequential rounds. Ignores ``init``, ``carry`` and ``trace``: it has nothing to
+    """One network call per step, T sequential rounds. Ignores ``warm`` and ``trace``: it has nothing to
     refine and no iterates.
 
     A sample that comes out non-finite ends the solve unconverged (``stop_reason="non_finite"``): one host read.
@@ -40,12 +40,11 @@ class SequentialSolver:
         schedule: Schedule,
         noise: Noise,
         global_cond: torch.Tensor,
-        init: torch.Tensor | None = None,
+        warm: SolveState | None = None,
         budget: Budget | None = None,
-        carry: SolveState | None = None,
         trace: RoundHook | None = None,
     ) -> SolveResult:
-        clock = start_solve(schedule, noise, global_cond, init if not schedule.is_multistep else None, carry, budget)
+        clock = start_solve(schedule, noise, global_cond, warm if not schedule.is_multistep else None, budget)
         if schedule.is_multistep:  # DPM-Solver++ / UniPC: not a one-step chain (policy_accel/multistep.py)
             return _flag_non_finite(solve_multistep(denoiser, schedule, noise, global_cond, clock))
         T, B = schedule.num_steps, noise.x_T.shape[0]
