@@ -162,7 +162,7 @@ def time_network_interleaved(policy: DiffusionPolicy, variants: list, use, batch
         for b in batches:
             x = torch.randn(b, H, A, device=device)
             t = torch.randint(0, 100, (b,), device=device)
-            c = torch.randn(b, policy.config.unet.global_cond_dim, device=device)
+            c = torch.randn(b, policy.config.cond_dim, device=device)
             for rep in range(repeats + 1):
                 for variant, options in variants:
                     use(variant, options)
@@ -186,7 +186,7 @@ def network_table(policy: DiffusionPolicy, network_ms: dict[str, float], flops: 
             b = int(b)
             x = torch.randn(b, H, A, generator=gen).to(policy.device)
             t = torch.randint(0, policy.config.schedule.num_train_timesteps, (b,), generator=gen).to(policy.device)
-            c = torch.randn(b, policy.config.unet.global_cond_dim, generator=gen).to(policy.device)
+            c = torch.randn(b, policy.config.cond_dim, generator=gen).to(policy.device)
             gap = (policy.denoiser(x, t, c) - policy.model(x, t, c)).abs().max()
             deviation = max(deviation, float(gap))
     return {
@@ -219,7 +219,9 @@ def main(cfg: DictConfig) -> None:
         "hardware": hardware(device, cfg.threads),
         "device": str(device),
         "model": cfg.model,
-        "unet_down_dims": list(policy.config.unet.down_dims),
+        "denoiser": policy.config.denoiser,
+        "inpainting": policy.config.inpainting,
+        "architecture": policy.config.to_dict()[policy.config.denoiser],
         "parameters": sum(p.numel() for p in policy.model.parameters()),
         "flops_per_row": flops,
         "gemm_gflops": {e: gemm_gflops(e) for e in ("torch", "openvino") if e in engines}

@@ -52,7 +52,7 @@ def run(policy: DiffusionPolicy, schedule, solver, warm: bool, sequences, count:
 def standin_ms_per_round(policy: DiffusionPolicy, schedule, spec: dict, repeats: int) -> float:
     """Cold solves whose denoiser costs nothing (zeros): the solver's own time per round."""
     solver = make_solver(spec["solver"], **spec.get("options", {}))
-    cond = torch.zeros(1, policy.config.unet.global_cond_dim, device=policy.device)
+    cond = torch.zeros(1, policy.config.cond_dim, device=policy.device)
     generator = torch.Generator().manual_seed(0)
 
     def zeros(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

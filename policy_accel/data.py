@@ -116,12 +116,14 @@ class SequenceDataset(torch.utils.data.Dataset):
         idx = self.window(i)
         return self.obs[idx[: self.n_obs_steps]], self.action[idx]
 
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vectorised gather of many windows (faster than a DataLoader on 2 cores)."""
+    def batch(self, rows: np.ndarray, obs_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised gather of many windows (faster than a DataLoader on 2 cores): the first ``obs_steps``
+        observations (default ``n_obs_steps``; an inpainting policy denoises them over the whole horizon) and the
+        actions of each window."""
         ep_start, ep_end, start = (torch.as_tensor(c) for c in self.indices[rows].T)
         idx = start[:, None] + torch.arange(self.horizon)[None]
         idx = torch.maximum(torch.minimum(idx, ep_end[:, None] - 1), ep_start[:, None])
-        return self.obs[idx[:, : self.n_obs_steps]], self.action[idx]
+        return self.obs[idx[:, : obs_steps or self.n_obs_steps]], self.action[idx]
 
 
 def build_dataset(task: DictConfig, max_episodes: int | None) -> tuple[SequenceDataset, np.ndarray, np.ndarray]:

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from policy_accel.errors import ObservationError
 from policy_accel.model.engine import CPU_ENGINES, EngineInfo, compile_denoiser, resolve_engine
+from policy_accel.model.inpainting import ObservationInpainting
 from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.transformer import TransformerConfig, TransformerForDiffusion
 from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.observations import check_observation
 from policy_accel.schedule import Schedule, ScheduleConfig
@@ -22,9 +25,14 @@ from policy_accel.solvers.base import Noise, Solver, SolveResult
 log = logging.getLogger(__name__)
 
 
+DENOISERS = ("unet", "transformer")  # Diffusion Policy's ConditionalUnet1D and TransformerForDiffusion (DP-T)
+
+
 @dataclass
 class PolicyConfig:
-    """Shapes and training schedule of a low-dim FiLM Diffusion Policy."""
+    """Shapes and training schedule of a low-dim Diffusion Policy: its denoiser (``unet`` or ``transformer``, whose
+    architecture is the section of that name; the other is None) and how observations condition it (``inpainting``:
+    DP's ``obs_as_global_cond=False``, the chunk is ``[action | observation]``; otherwise the network's condition)."""
 
     task: str = "pusht"
     obs_dim: int = 18
@@ -32,15 +40,23 @@ class PolicyConfig:
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    unet: UNetConfig | None = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    denoiser: str = "unet"
+    transformer: TransformerConfig | None = None
+    inpainting: bool = False
 
     def __post_init__(self) -> None:
         # Types first, then ranges: a config that loads must also run (n_action_steps=0 never ends an episode,
         # "16" as horizon fails deep inside, "no" would read as a true clip_sample).
-        check_fields(self, skip=("unet", "schedule"))
-        for name, cls in (("unet", UNetConfig), ("schedule", ScheduleConfig)):
+        check_fields(self, skip=("unet", "schedule", "transformer"))
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"denoiser={self.denoiser!r} is not one of {list(DENOISERS)}")
+        sections = (("unet", UNetConfig), ("schedule", ScheduleConfig), ("transformer", TransformerConfig))
+        for name, cls in sections:
             value = getattr(self, name)
+            if value is None and name != "schedule" and name != self.denoiser:
+                continue  # the other denoiser's section
             if isinstance(value, dict):
                 check_mapping(value, cls, f"{name}.")
                 setattr(self, name, cls(**value))
@@ -48,9 +64,60 @@ class PolicyConfig:
                 check_fields(value, f"{name}.")
             else:
                 raise ValueError(f"{name} must be a mapping, got {value!r}")
+        other = "transformer" if self.denoiser == "unet" else "unet"
+        if getattr(self, other) is not None:
+            raise ValueError(f"denoiser={self.denoiser!r} takes no {other} section (set {other}: null)")
         for name in ("obs_dim", "action_dim", "horizon", "n_obs_steps", "n_action_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ValueError("n_obs_steps - 1 + n_action_steps must not exceed horizon")
+        if self.inpainting and self.n_obs_steps > self.horizon:
+            raise ValueError(f"n_obs_steps={self.n_obs_steps} must not exceed horizon={self.horizon} with inpainting")
+        if self.inpainting and self.schedule.thresholding:
+            # dynamic thresholding mixes channels: the observed channels' update would reach the actions
+            raise ValueError("schedule.thresholding=true is not supported with inpainting (only clip_sample)")
+        if self.denoiser == "unet":
+            self._check_unet()
+        else:
+            self._check_transformer()
+
+    @property
+    def chunk_dim(self) -> int:
+        """Channels of the denoised chunk: the actions, and with inpainting the observations after them."""
+        return self.action_dim + (self.obs_dim if self.inpainting else 0)
+
+    @property
+    def cond_dim(self) -> int:
+        """Width of the condition the denoiser is called with: the flattened normalised observation history (with
+        inpainting it is written into the chunk instead of conditioning the network)."""
+        return self.obs_dim * self.n_obs_steps
+
+    def _check_transformer(self) -> None:
+        net = self.transformer
+        want = {
+            "input_dim": self.chunk_dim,
+            "output_dim": self.chunk_dim,
+            "horizon": self.horizon,
+            "cond_dim": 0 if self.inpainting else self.obs_dim,
+            "obs_as_cond": not self.inpainting,
+        }
+        if not self.inpainting:  # the number of observation tokens (an inpainting transformer has none)
+            want["n_obs_steps"] = self.n_obs_steps
+        for name, value in want.items():
+            if getattr(net, name) != value:
+                raise ValueError(
+                    f"transformer.{name}={getattr(net, name)!r} != {value!r} (from obs_dim={self.obs_dim}, "
+                    f"action_dim={self.action_dim}, horizon={self.horizon}, n_obs_steps={self.n_obs_steps}, "
+                    f"inpainting={self.inpainting})"
+                )
+        for name in ("n_layer", "n_head", "n_emb"):
+            if getattr(net, name) < 1:
+                raise ValueError(f"transformer.{name}={getattr(net, name)} must be >= 1")
+        if net.n_emb % net.n_head:
+            raise ValueError(f"transformer.n_head={net.n_head} must divide n_emb={net.n_emb}")
+
+    def _check_unet(self) -> None:
         unet = self.unet
         for name in ("diffusion_step_embed_dim", "kernel_size", "n_groups"):
             if getattr(unet, name) < 1:
@@ -68,20 +135,27 @@ class PolicyConfig:
             raise ValueError(
                 f"schedule.beta_start={sched.beta_start}, beta_end={sched.beta_end}: need 0 < beta_start < beta_end < 1"
             )
-        if self.unet.input_dim != self.action_dim:
-            raise ValueError(f"unet.input_dim={self.unet.input_dim} != action_dim={self.action_dim}")
-        if self.unet.global_cond_dim != self.obs_dim * self.n_obs_steps:
-            raise ValueError(
-                f"unet.global_cond_dim={self.unet.global_cond_dim} != "
-                f"obs_dim*n_obs_steps={self.obs_dim * self.n_obs_steps}"
-            )
-        if self.horizon % 2 ** (len(self.unet.down_dims) - 1):
+        if unet.input_dim != self.chunk_dim:
+            what = "action_dim + obs_dim (inpainting)" if self.inpainting else "action_dim"
+            raise ValueError(f"unet.input_dim={unet.input_dim} != {what} = {self.chunk_dim}")
+        global_cond_dim = 0 if self.inpainting else self.cond_dim
+        if unet.global_cond_dim != global_cond_dim:
+            what = "0 (inpainting)" if self.inpainting else "obs_dim*n_obs_steps"
+            raise ValueError(f"unet.global_cond_dim={unet.global_cond_dim} != {what} = {global_cond_dim}")
+        if self.horizon % 2 ** (len(unet.down_dims) - 1):
             raise ValueError(f"horizon={self.horizon} must be divisible by 2**(len(down_dims)-1)")
-        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
-            raise ValueError("n_obs_steps - 1 + n_action_steps must not exceed horizon")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def build_denoiser(config: PolicyConfig) -> nn.Module:
+    """The denoiser ``config`` describes, untrained, with its inpainting step when the policy inpaints: what
+    training and every checkpoint reader load weights into (parameter names are Diffusion Policy's)."""
+    model = ConditionalUnet1D(config.unet) if config.denoiser == "unet" else TransformerForDiffusion(config.transformer)
+    if config.inpainting:
+        model.inpainting = ObservationInpainting(config.action_dim, config.obs_dim, config.n_obs_steps)
+    return model
 
 
 def check_finite_tensors(named: dict[str, torch.Tensor], what: str = "") -> None:
@@ -101,7 +175,7 @@ class DiffusionPolicy:
     def __init__(
         self,
         config: PolicyConfig,
-        model: ConditionalUnet1D,
+        model: nn.Module,
         obs_normalizer: LinearNormalizer,
         action_normalizer: LinearNormalizer,
     ):
@@ -171,7 +245,7 @@ class DiffusionPolicy:
                 self.model,
                 name,
                 sample_shape=self.chunk_shape,
-                cond_dim=self.config.unet.global_cond_dim,
+                cond_dim=self.config.cond_dim,
                 threads=threads,
                 precision=precision,
                 cache_dir=cache_dir,
@@ -187,7 +261,7 @@ class DiffusionPolicy:
 
     @property
     def chunk_shape(self) -> tuple[int, int]:
-        return (self.config.horizon, self.config.action_dim)
+        return (self.config.horizon, self.config.chunk_dim)
 
     def schedule(self, **overrides) -> Schedule:
         """The training schedule, or a sampler variant of it (e.g. ``kind="ddim", num_inference_steps=10``)."""
@@ -236,7 +310,13 @@ class DiffusionPolicy:
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming a non-finite weight, or a non-finite or zero normalizer scale: such a policy
         returns NaN actions, or a solver's starting noise passes as converged (weights can change after loading)."""
-        check_finite_tensors(dict(self.model.state_dict()), "denoiser")
+        state = dict(self.model.state_dict())
+        # DP-T's attention masks are additive: 0 where attention is allowed, -inf where not, nothing else
+        masks = {k: state.pop(k) for k in list(state) if k.endswith("mask")}
+        for key, mask in masks.items():
+            if not ((mask == 0) | (mask == float("-inf"))).all():
+                raise ValueError(f"denoiser tensor {key} is an attention mask with values other than 0 and -inf")
+        check_finite_tensors(state, "denoiser")
         for name, norm in (("obs", self.obs_normalizer), ("action", self.action_normalizer)):
             check_finite_tensors({f"normalizer.{name}.scale": norm.scale, f"normalizer.{name}.offset": norm.offset})
             if (norm.scale == 0).any():  # unnormalize divides by it
@@ -249,18 +329,19 @@ class DiffusionPolicy:
         )
 
     def actions(self, normalized_chunk: torch.Tensor) -> np.ndarray:
-        """Normalized chunk (B, H, A) -> the executed raw actions (B, n_action_steps, A): DP executes the chunk from
-        the newest observation's step (``n_obs_steps - 1``)."""
+        """Normalized chunk (B, H, chunk_dim) -> the executed raw actions (B, n_action_steps, A): DP executes the
+        chunk from the newest observation's step (``n_obs_steps - 1``)."""
         start = self.config.n_obs_steps - 1
         return self._raw(normalized_chunk[:, start : start + self.config.n_action_steps])
 
     def reserve(self, normalized_chunk: torch.Tensor) -> np.ndarray:
-        """Normalized chunk (B, H, A) -> the raw predictions after the executed actions (B, rest, A): what a
-        real-time controller plays when the next chunk is late."""
+        """Normalized chunk (B, H, chunk_dim) -> the raw predictions after the executed actions (B, rest, A): what
+        a real-time controller plays when the next chunk is late."""
         return self._raw(normalized_chunk[:, self.config.n_obs_steps - 1 + self.config.n_action_steps :])
 
     def _raw(self, normalized_actions: torch.Tensor) -> np.ndarray:
-        return self.action_normalizer.unnormalize(normalized_actions).detach().cpu().numpy()
+        actions = normalized_actions[..., : self.config.action_dim]  # an inpainting chunk also holds observations
+        return self.action_normalizer.unnormalize(actions).detach().cpu().numpy()
 
     def predict_action(
         self,

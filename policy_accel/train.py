@@ -27,8 +27,9 @@ from policy_accel.errors import report_user_errors
 from policy_accel.experiment.build import cfg_float, cfg_int
 from policy_accel.io.checkpoint import save_policy
 from policy_accel.model.normalizer import LinearNormalizer
-from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
-from policy_accel.policy import DiffusionPolicy, PolicyConfig
+from policy_accel.model.transformer import TransformerConfig, TransformerForDiffusion
+from policy_accel.model.unet import UNetConfig
+from policy_accel.policy import DiffusionPolicy, PolicyConfig, build_denoiser
 from policy_accel.schedule import ScheduleConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,46 @@ def ema_decay(step: int, power: float, max_value: float) -> float:
     if step <= 0:
         return 0.0
     return min(max_value, 1 - (1 + step) ** -power)
+
+
+def policy_config(task: DictConfig, denoiser: DictConfig, inpainting: bool) -> PolicyConfig:
+    """The policy a task's data trains: ``denoiser`` (configs/denoiser/) names the network and its architecture."""
+    arch = {k: v for k, v in OmegaConf.to_container(denoiser).items() if k != "name"}
+    chunk_dim = task.action_dim + (task.obs_dim if inpainting else 0)
+    if denoiser.name == "unet":
+        global_cond_dim = 0 if inpainting else task.obs_dim * task.n_obs_steps
+        nets = {"unet": UNetConfig(input_dim=chunk_dim, global_cond_dim=global_cond_dim, **arch)}
+    else:
+        transformer = TransformerConfig(
+            input_dim=chunk_dim,
+            output_dim=chunk_dim,
+            horizon=task.horizon,
+            n_obs_steps=task.n_obs_steps,
+            cond_dim=0 if inpainting else task.obs_dim,
+            obs_as_cond=not inpainting,
+            **arch,
+        )
+        nets = {"unet": None, "transformer": transformer}
+    return PolicyConfig(
+        task=task.name,
+        obs_dim=task.obs_dim,
+        action_dim=task.action_dim,
+        horizon=task.horizon,
+        n_obs_steps=task.n_obs_steps,
+        n_action_steps=task.n_action_steps,
+        schedule=ScheduleConfig(),
+        denoiser=denoiser.name,
+        inpainting=inpainting,
+        **nets,
+    )
+
+
+def optim_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Diffusion Policy's AdamW groups: DP-T's own split (``get_optim_groups``: linear and attention weights decay,
+    biases, norms and positional embeddings do not); the U-Net decays every parameter."""
+    if isinstance(model, TransformerForDiffusion):
+        return model.get_optim_groups(weight_decay)
+    return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
 
 
 def train(cfg: DictConfig) -> Path:
@@ -57,24 +98,17 @@ def train(cfg: DictConfig) -> Path:
 
     dataset, obs, action = build_dataset(task, cfg.max_episodes)
     obs_norm, act_norm = LinearNormalizer.fit(torch.as_tensor(obs)), LinearNormalizer.fit(torch.as_tensor(action))
-    unet_cfg = UNetConfig(
-        input_dim=task.action_dim, global_cond_dim=task.obs_dim * task.n_obs_steps, **OmegaConf.to_container(cfg.unet)
-    )
-    policy_cfg = PolicyConfig(
-        task=task.name,
-        obs_dim=task.obs_dim,
-        action_dim=task.action_dim,
-        horizon=task.horizon,
-        n_obs_steps=task.n_obs_steps,
-        n_action_steps=task.n_action_steps,
-        unet=unet_cfg,
-        schedule=ScheduleConfig(),
-    )
-    model = ConditionalUnet1D(unet_cfg)
-    ema = ConditionalUnet1D(unet_cfg)
+    policy_cfg = policy_config(task, cfg.denoiser, cfg.inpainting)
+    model = build_denoiser(policy_cfg)
+    ema = build_denoiser(policy_cfg)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        optim_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+    )
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -112,6 +146,7 @@ def train(cfg: DictConfig) -> Path:
                 "lr": cfg.lr,
                 "warmup_steps": cfg.warmup_steps,
                 "weight_decay": cfg.weight_decay,
+                "betas": list(cfg.betas),
                 "ema_power": cfg.ema_power,
                 "ema_max": cfg.ema_max,
                 "dataset": str(task.dataset),
@@ -130,14 +165,20 @@ def train(cfg: DictConfig) -> Path:
     running = []
     while step < cfg.steps:
         rows = rng.integers(0, len(dataset), size=cfg.batch_size)
-        obs_b, act_b = dataset.batch(rows)
-        cond = obs_norm.normalize(obs_b).reshape(cfg.batch_size, -1)
+        obs_b, act_b = dataset.batch(rows, obs_steps=task.horizon if cfg.inpainting else None)
+        obs_b = obs_norm.normalize(obs_b)
+        cond = obs_b[:, : task.n_obs_steps].reshape(cfg.batch_size, -1)
         x0 = act_norm.normalize(act_b)
+        if cfg.inpainting:  # the chunk is [action | observation]; the model writes the observed entries itself
+            x0 = torch.cat([x0, obs_b], dim=-1)
         noise = torch.randn_like(x0)
         t = torch.randint(0, len(alphas_cumprod), (cfg.batch_size,))
         a = alphas_cumprod[t].view(-1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(model(noisy, t, cond), noise)
+        error = (model(noisy, t, cond) - noise).square()
+        if cfg.inpainting:  # DP's loss mask: the observed entries are given, not predicted
+            error[:, : task.n_obs_steps, task.action_dim :] = 0
+        loss = error.mean()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)

@@ -63,8 +63,8 @@ def _cfg(out_dir: Path, steps: int):
                 "warmup_steps=5",
                 "save_every=20",
                 "log_every=10",
-                "unet.down_dims=[16,32,64]",
-                "unet.diffusion_step_embed_dim=32",
+                "denoiser.down_dims=[16,32,64]",
+                "denoiser.diffusion_step_embed_dim=32",
                 f"task.dataset={DATASET}",
             ],
         )

@@ -267,7 +267,6 @@ def _set(cfg: dict, dotted: str, value) -> None:
     [
         ({"policy.model.down_dims": [16, 32, 128]}, "shapes that do not match"),
         ({"policy.model.down_dims": [16, 32]}, "missing"),
-        ({"policy.obs_as_global_cond": False, "obs_as_global_cond": False}, "inpainting"),
         ({"policy.obs_as_local_cond": True}, "local conditioning"),
         ({"policy.pred_action_steps_only": True}, "pred_action_steps_only"),
         ({"policy.oa_step_convention": False}, "oa_step_convention"),
@@ -278,7 +277,7 @@ def _set(cfg: dict, dotted: str, value) -> None:
         ),
         (
             {"policy._target_": DP_POLICIES + "diffusion_transformer_lowdim_policy.DiffusionTransformerLowdimPolicy"},
-            "transformer denoiser",
+            "ConditionalUnet1D is not supported in DiffusionTransformerLowdimPolicy",
         ),
         ({"policy._target_": DP_POLICIES + "bet_lowdim_policy.BETLowdimPolicy"}, "not supported"),
         ({"policy.noise_scheduler.prediction_type": "sample"}, "prediction_type='sample' is not supported"),

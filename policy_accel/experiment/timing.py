@@ -20,10 +20,15 @@ def timing_policy(checkpoint: str, model: str, device: torch.device, engine: str
     measure."""
     policy = load_policy(checkpoint, engine="torch")
     if model == "dp_original":
+        if policy.config.denoiser != "unet" or policy.config.inpainting:
+            raise ConfigError(
+                f"model=dp_original swaps in DP's original-size FiLM U-Net, which needs a FiLM U-Net checkpoint; "
+                f"{checkpoint} holds a {policy.config.denoiser}{' with inpainting' if policy.config.inpainting else ''}"
+            )
         torch.manual_seed(0)
         unet = UNetConfig(
             input_dim=policy.config.action_dim,
-            global_cond_dim=policy.config.unet.global_cond_dim,
+            global_cond_dim=policy.config.cond_dim,
             diffusion_step_embed_dim=256,
             down_dims=[256, 512, 1024],
         )
@@ -41,7 +46,7 @@ def flops_per_row(policy: DiffusionPolicy) -> float:
 
     device = policy.device
     x = torch.zeros((1, *policy.chunk_shape), device=device)
-    c = torch.zeros((1, policy.config.unet.global_cond_dim), device=device)
+    c = torch.zeros((1, policy.config.cond_dim), device=device)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         policy.model(x, torch.zeros(1, device=device), c)

@@ -1,5 +1,5 @@
 """What every checkpoint reader shares: the trust check before any pickle, safe tensor reads, and the policy
-assembled from plain parts (config, U-Net state dict, normalizers), so each reader returns parts and none of them
+assembled from plain parts (config, denoiser state dict, normalizers), so each reader returns parts and none of them
 builds the policy its own way (no reader imports another).
 """
 
@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from policy_accel.errors import CheckpointError, ConfigError
 from policy_accel.model.normalizer import LinearNormalizer
-from policy_accel.model.unet import ConditionalUnet1D
-from policy_accel.policy import DiffusionPolicy, PolicyConfig
+from policy_accel.policy import DiffusionPolicy, PolicyConfig, build_denoiser
 
 
 def check_trust_pickle(trust_pickle: object, name: str = "trust_pickle") -> bool:
@@ -37,33 +36,33 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def assemble_policy(
     config: PolicyConfig,
-    unet_state: dict[str, torch.Tensor],
+    denoiser_state: dict[str, torch.Tensor],
     obs_normalizer: LinearNormalizer,
     action_normalizer: LinearNormalizer,
     weights_desc: str,
     config_desc: str,
 ) -> DiffusionPolicy:
-    """Build the U-Net that ``config`` describes and load ``unet_state`` into it strictly.
+    """Build the denoiser that ``config`` describes and load ``denoiser_state`` into it strictly.
 
     Why strict and shape-checked first: a denoiser with a missing, extra or reshaped tensor would load
     into something that runs and returns wrong actions; the error names both sources instead.
     """
-    model = ConditionalUnet1D(config.unet)
+    model = build_denoiser(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(unet_state))
-    unexpected = sorted(set(unet_state) - set(expected))
+    missing = sorted(set(expected) - set(denoiser_state))
+    unexpected = sorted(set(denoiser_state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{weights_desc} does not match {config_desc}: missing {_few(missing)}, unexpected {_few(unexpected)}"
         )
     bad = [
-        f"{k}: file {tuple(unet_state[k].shape)} vs config {tuple(v.shape)}"
+        f"{k}: file {tuple(denoiser_state[k].shape)} vs config {tuple(v.shape)}"
         for k, v in expected.items()
-        if unet_state[k].shape != v.shape
+        if denoiser_state[k].shape != v.shape
     ]
     if bad:
         raise CheckpointError(f"{weights_desc} has shapes that do not match {config_desc}: {bad[:3]}")
-    model.load_state_dict({k: v.float() for k, v in unet_state.items()}, strict=True)
+    model.load_state_dict({k: v.float() for k, v in denoiser_state.items()}, strict=True)
     try:
         # also refuses non-finite weights and normalizers: they load into a policy that returns garbage "converged"
         return DiffusionPolicy(config, model, obs_normalizer, action_normalizer)

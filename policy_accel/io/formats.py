@@ -29,6 +29,7 @@ import torch
 from policy_accel.errors import CheckpointError, PickleRefusedError
 from policy_accel.io.assembly import assemble_policy, check_trust_pickle, read_safetensors
 from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.transformer import TransformerConfig
 from policy_accel.model.unet import UNetConfig
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 from policy_accel.schedule import ScheduleConfig
@@ -41,7 +42,14 @@ _MISSING = object()
 # ------------------------------------------------------------------------------------------------
 
 DP_NORMALIZER = "normalizer.params_dict."
-DP_SUPPORTED_POLICY = "DiffusionUnetLowdimPolicy"
+# DP's low-dim policies that load, and the denoiser each builds (``policy.model._target_``).
+DP_POLICY_DENOISERS = {
+    "DiffusionUnetLowdimPolicy": ("unet", "ConditionalUnet1D"),
+    "DiffusionTransformerLowdimPolicy": ("transformer", "TransformerForDiffusion"),
+}
+DP_SUPPORTED = (
+    "DiffusionUnetLowdimPolicy (ConditionalUnet1D) and DiffusionTransformerLowdimPolicy (TransformerForDiffusion)"
+)
 # diffusers' constructor defaults: what DP gets for a scheduler argument its cfg leaves out.
 _DIFFUSERS_DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -98,10 +106,10 @@ def load_diffusion_policy_ckpt(path: Path, trust_pickle: bool = False) -> tuple[
     _refuse_unsupported_dp(path, cfg, state)
     config = _dp_policy_config(path, cfg)
 
-    unet_state, unexpected = {}, []
+    denoiser_state, unexpected = {}, []
     for key, value in state.items():
         if key.startswith("model."):
-            unet_state[key[len("model.") :]] = value
+            denoiser_state[key[len("model.") :]] = value
         elif key.startswith((DP_NORMALIZER + "obs.", DP_NORMALIZER + "action.")):
             continue  # read below
         elif key == "_dummy_variable" or key.startswith("mask_generator."):
@@ -110,7 +118,7 @@ def load_diffusion_policy_ckpt(path: Path, trust_pickle: bool = False) -> tuple[
             unexpected.append(key)
     if unexpected:
         raise CheckpointError(
-            f"{where} has keys a low-dim U-Net policy does not have: {_few(sorted(unexpected))}; expected model.*, "
+            f"{where} has keys a low-dim policy does not have: {_few(sorted(unexpected))}; expected model.*, "
             f"{DP_NORMALIZER}obs.*, {DP_NORMALIZER}action.*"
         )
     try:
@@ -118,7 +126,7 @@ def load_diffusion_policy_ckpt(path: Path, trust_pickle: bool = False) -> tuple[
         act_norm = LinearNormalizer.from_state_dict(state, DP_NORMALIZER + "action")
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{where}: {err}") from None
-    policy = assemble_policy(config, unet_state, obs_norm, act_norm, where, f"the cfg stored in {path.name}")
+    policy = assemble_policy(config, denoiser_state, obs_norm, act_norm, where, f"the cfg stored in {path.name}")
 
     info: dict[str, Any] = {
         "format": "diffusion_policy",
@@ -222,40 +230,27 @@ def _refuse_unsupported_dp(path: Path, cfg: dict, state: dict) -> None:
     if image_keys or any(word in cls for word in ("Image", "Hybrid", "Video")):
         raise CheckpointError(
             f"{path}: {cls or 'this policy'} conditions on camera images through an observation encoder "
-            f"({_few(image_keys) if image_keys else target}); image encoders are not supported, only low-dim "
-            f"U-Net policies ({DP_SUPPORTED_POLICY}) load"
+            f"({_few(image_keys) if image_keys else target}); image encoders are not supported, only the low-dim "
+            f"policies {DP_SUPPORTED} load"
         )
-    transformer_keys = [k for k in state if k.startswith(("model.input_emb", "model.decoder.", "model.encoder."))]
-    if "Transformer" in cls or "Transformer" in model_target or transformer_keys:
-        raise CheckpointError(
-            f"{path}: {cls or model_target or 'this policy'} uses a transformer denoiser; only Diffusion Policy's "
-            f"ConditionalUnet1D ({DP_SUPPORTED_POLICY}) is supported"
-        )
-    if cls and cls != DP_SUPPORTED_POLICY:
-        raise CheckpointError(f"{path}: policy {target} is not supported; only {DP_SUPPORTED_POLICY} checkpoints load")
-    if model_target and not model_target.endswith("ConditionalUnet1D"):
-        raise CheckpointError(f"{path}: denoiser {model_target} is not supported; only ConditionalUnet1D is")
-    if not policy_cfg:
-        raise CheckpointError(f"{path}: cfg has no 'policy' section, so the architecture cannot be read")
+    if cls not in DP_POLICY_DENOISERS:
+        raise CheckpointError(f"{path}: policy {target or '(no _target_)'} is not supported; only {DP_SUPPORTED} load")
+    denoiser_cls = DP_POLICY_DENOISERS[cls][1]
+    if model_target and model_target.rsplit(".", 1)[-1] != denoiser_cls:
+        raise CheckpointError(f"{path}: denoiser {model_target} is not supported in {cls}; only {denoiser_cls} is")
 
     if _dp_get(cfg, "obs_as_local_cond", default=False):
         raise CheckpointError(
-            f"{path}: obs_as_local_cond=True (observations as local conditioning) is not supported; only FiLM "
-            "global conditioning (obs_as_global_cond=True) is"
-        )
-    if not _dp_get(cfg, "obs_as_global_cond", default=False):  # DP's constructor default is False
-        raise CheckpointError(
-            f"{path}: obs_as_global_cond=False, i.e. the policy conditions by inpainting (observations are written "
-            "into the denoised trajectory, U-Net input_dim = action_dim + obs_dim). Only FiLM global conditioning "
-            "(obs_as_global_cond=True) is supported: the solvers treat the observation as a fixed input of the "
-            "denoiser, not as part of the sampled chain"
+            f"{path}: obs_as_local_cond=True (observations as local conditioning) is not supported; only global "
+            "conditioning (obs_as_global_cond=True) and inpainting (both False) are"
         )
     if _dp_get(cfg, "pred_action_steps_only", default=False):
         raise CheckpointError(
-            f"{path}: pred_action_steps_only=True (the U-Net predicts only the executed actions) is not supported; "
+            f"{path}: pred_action_steps_only=True (the network predicts only the executed actions) is not supported; "
             "the policy must predict the whole horizon"
         )
-    if not _dp_get(cfg, "oa_step_convention", default=False):
+    # DP's transformer policy always executes from index n_obs_steps - 1; the U-Net's follows oa_step_convention
+    if cls == "DiffusionUnetLowdimPolicy" and not _dp_get(cfg, "oa_step_convention", default=False):
         raise CheckpointError(
             f"{path}: oa_step_convention=False (executed actions start at index n_obs_steps) is not supported; "
             "this toolkit executes actions from index n_obs_steps - 1, as every shipped DP config does"
@@ -282,8 +277,9 @@ def _dp_policy_config(path: Path, cfg: dict) -> PolicyConfig:
     policy_cfg = cfg["policy"]
     model_cfg = policy_cfg.get("model") or {}
     sched_cfg = policy_cfg.get("noise_scheduler") or {}
+    denoiser = DP_POLICY_DENOISERS[str(policy_cfg["_target_"]).rsplit(".", 1)[-1]][0]
     if not model_cfg:
-        raise CheckpointError(f"{path}: cfg has no policy.model section (the U-Net's constructor arguments)")
+        raise CheckpointError(f"{path}: cfg has no policy.model section (the denoiser's constructor arguments)")
     if not sched_cfg:
         raise CheckpointError(f"{path}: cfg has no policy.noise_scheduler section")
     if model_cfg.get("local_cond_dim") is not None:
@@ -292,20 +288,27 @@ def _dp_policy_config(path: Path, cfg: dict) -> PolicyConfig:
         obs_dim = _as_int(_dp_lookup(cfg, "obs_dim"), "obs_dim")
         action_dim = _as_int(_dp_lookup(cfg, "action_dim"), "action_dim")
         n_obs_steps = _as_int(_dp_get(cfg, "n_obs_steps"), "n_obs_steps")
-        unet = UNetConfig(
-            input_dim=_as_int(model_cfg.get("input_dim", action_dim), "policy.model.input_dim"),
-            global_cond_dim=_as_int(
-                model_cfg.get("global_cond_dim", obs_dim * n_obs_steps), "policy.model.global_cond_dim"
-            ),
-            # ConditionalUnet1D's constructor defaults (not ours) for anything the cfg leaves out.
-            diffusion_step_embed_dim=_as_int(
-                model_cfg.get("diffusion_step_embed_dim", 256), "diffusion_step_embed_dim"
-            ),
-            down_dims=[_as_int(d, "down_dims") for d in model_cfg.get("down_dims", [256, 512, 1024])],
-            kernel_size=_as_int(model_cfg.get("kernel_size", 3), "kernel_size"),
-            n_groups=_as_int(model_cfg.get("n_groups", 8), "n_groups"),
-            cond_predict_scale=bool(model_cfg.get("cond_predict_scale", False)),
-        )
+        horizon = _as_int(_dp_get(cfg, "horizon"), "horizon")
+        # the policies' constructor defaults (False) when the cfg leaves the switch out
+        obs_as_cond = bool(_dp_get(cfg, "obs_as_global_cond" if denoiser == "unet" else "obs_as_cond", default=False))
+        chunk_dim = action_dim if obs_as_cond else action_dim + obs_dim
+        nets: dict[str, Any] = {"unet": None}
+        if denoiser == "unet":
+            global_cond = model_cfg.get("global_cond_dim", obs_dim * n_obs_steps if obs_as_cond else None)
+            nets["unet"] = UNetConfig(
+                input_dim=_as_int(model_cfg.get("input_dim", chunk_dim), "policy.model.input_dim"),
+                global_cond_dim=0 if global_cond is None else _as_int(global_cond, "policy.model.global_cond_dim"),
+                # ConditionalUnet1D's constructor defaults (not ours) for anything the cfg leaves out.
+                diffusion_step_embed_dim=_as_int(
+                    model_cfg.get("diffusion_step_embed_dim", 256), "diffusion_step_embed_dim"
+                ),
+                down_dims=[_as_int(d, "down_dims") for d in model_cfg.get("down_dims", [256, 512, 1024])],
+                kernel_size=_as_int(model_cfg.get("kernel_size", 3), "kernel_size"),
+                n_groups=_as_int(model_cfg.get("n_groups", 8), "n_groups"),
+                cond_predict_scale=bool(model_cfg.get("cond_predict_scale", False)),
+            )
+        else:
+            nets["transformer"] = _dp_transformer_config(model_cfg, chunk_dim, horizon)
         schedule = _schedule_config(
             path,
             "policy.noise_scheduler",
@@ -319,16 +322,41 @@ def _dp_policy_config(path: Path, cfg: dict) -> PolicyConfig:
             task=str(task),
             obs_dim=obs_dim,
             action_dim=action_dim,
-            horizon=_as_int(_dp_get(cfg, "horizon"), "horizon"),
+            horizon=horizon,
             n_obs_steps=n_obs_steps,
             n_action_steps=_as_int(_dp_get(cfg, "n_action_steps"), "n_action_steps"),
-            unet=unet,
             schedule=schedule,
+            denoiser=denoiser,
+            inpainting=not obs_as_cond,
+            **nets,
         )
     except KeyError as err:
         raise CheckpointError(f"{path}: cfg has no {err.args[0]!r} (looked in policy.* and the top level)") from None
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: the stored cfg does not describe a valid policy: {err}") from None
+
+
+def _dp_transformer_config(model_cfg: dict, chunk_dim: int, horizon: int) -> TransformerConfig:
+    """``TransformerForDiffusion``'s arguments, with its constructor defaults for what the cfg leaves out (DP
+    derives ``obs_as_cond`` from ``cond_dim > 0`` and takes ``n_obs_steps = horizon`` when it is None)."""
+    cond_dim = _as_int(model_cfg.get("cond_dim", 0), "policy.model.cond_dim")
+    n_obs_steps = model_cfg.get("n_obs_steps")
+    return TransformerConfig(
+        input_dim=_as_int(model_cfg.get("input_dim", chunk_dim), "policy.model.input_dim"),
+        output_dim=_as_int(model_cfg.get("output_dim", chunk_dim), "policy.model.output_dim"),
+        horizon=_as_int(model_cfg.get("horizon", horizon), "policy.model.horizon"),
+        n_obs_steps=_as_int(horizon if n_obs_steps is None else n_obs_steps, "policy.model.n_obs_steps"),
+        cond_dim=cond_dim,
+        n_layer=_as_int(model_cfg.get("n_layer", 12), "policy.model.n_layer"),
+        n_head=_as_int(model_cfg.get("n_head", 12), "policy.model.n_head"),
+        n_emb=_as_int(model_cfg.get("n_emb", 768), "policy.model.n_emb"),
+        p_drop_emb=float(model_cfg.get("p_drop_emb", 0.1)),
+        p_drop_attn=float(model_cfg.get("p_drop_attn", 0.1)),
+        causal_attn=bool(model_cfg.get("causal_attn", False)),
+        time_as_cond=bool(model_cfg.get("time_as_cond", True)),
+        obs_as_cond=cond_dim > 0,
+        n_cond_layers=_as_int(model_cfg.get("n_cond_layers", 0), "policy.model.n_cond_layers"),
+    )
 
 
 def _dp_lookup(cfg: dict, name: str) -> Any:
@@ -527,10 +555,10 @@ def load_lerobot_dir(path: Path, raw: dict) -> tuple[DiffusionPolicy, dict]:
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint file {weights_path} is missing")
     tensors = read_safetensors(weights_path)
-    unet_state, legacy, image, unexpected = {}, {}, [], []
+    denoiser_state, legacy, image, unexpected = {}, {}, [], []
     for key, value in tensors.items():
         if key.startswith(LEROBOT_UNET_PREFIX):
-            unet_state[lerobot_to_dp_key(key)] = value.float()
+            denoiser_state[lerobot_to_dp_key(key)] = value.float()
         elif key.startswith("diffusion.rgb_encoder"):
             image.append(key)
         elif key.startswith(LEROBOT_LEGACY_NORM):
@@ -547,7 +575,7 @@ def load_lerobot_dir(path: Path, raw: dict) -> tuple[DiffusionPolicy, dict]:
             f"expected {LEROBOT_UNET_PREFIX}* (and, in older exports, normalize_inputs.* / unnormalize_outputs.*)"
         )
     if env_dim:
-        _reorder_condition(unet_state, config, n_obs_steps, state_dim, env_dim)
+        _reorder_condition(denoiser_state, config, n_obs_steps, state_dim, env_dim)
 
     obs_stats, action_stats, norm_source = _lerobot_stats(path, legacy)
 
@@ -563,7 +591,7 @@ def load_lerobot_dir(path: Path, raw: dict) -> tuple[DiffusionPolicy, dict]:
     )
     act_mode = mode("action", "ACTION", action_stats)
     act_norm = _cat_normalizer([_lerobot_affine(path, "action", act_mode, action_stats, action_dim, True)])
-    policy = assemble_policy(config, unet_state, obs_norm, act_norm, str(weights_path), str(config_path))
+    policy = assemble_policy(config, denoiser_state, obs_norm, act_norm, str(weights_path), str(config_path))
     info = {
         "format": "lerobot",
         "source": str(path),

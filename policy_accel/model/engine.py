@@ -118,7 +118,8 @@ def cache_root() -> Path:
 def network_key(model: nn.Module, sample_shape: tuple[int, ...], cond_dim: int, tag: str) -> str:
     """A digest of everything that makes a converted network differ: weights, shapes, engine and versions."""
     digest = hashlib.sha256()
-    digest.update(f"{type(model).__qualname__}|{sample_shape}|{cond_dim}|{tag}|torch {torch.__version__}".encode())
+    # repr(model): the module tree with its settings (e.g. which channels an inpainting step overwrites)
+    digest.update(f"{model!r}|{sample_shape}|{cond_dim}|{tag}|torch {torch.__version__}".encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())

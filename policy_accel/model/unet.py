@@ -162,9 +162,13 @@ class ConditionalUnet1D(nn.Module):
             Conv1dBlock(start_dim, start_dim, kernel_size=config.kernel_size),
             nn.Conv1d(start_dim, config.input_dim, 1),
         )
+        self.inpainting: nn.Module | None = None  # set by policy.build_denoiser for an inpainting policy
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
-        """sample (B, T, input_dim), timestep (B,) or scalar, global_cond (B, global_cond_dim)."""
+        """sample (B, T, input_dim), timestep (B,) or scalar, global_cond (B, global_cond_dim); with inpainting
+        global_cond is the observation history written into the sample, and the network takes no condition."""
+        if self.inpainting is not None:
+            sample, global_cond = self.inpainting(sample, global_cond), global_cond[:, :0]
         x = sample.transpose(1, 2)
         timestep = torch.as_tensor(timestep, device=sample.device)
         if timestep.ndim == 0:
