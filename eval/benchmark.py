@@ -42,7 +42,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from policy_accel.errors import ConfigError, report_user_errors
 from policy_accel.experiment.build import run_id
-from policy_accel.experiment.configurations import build_configuration, check_names, configuration_names
+from policy_accel.experiment.configurations import (
+    STEPS_KEY,
+    build_configuration,
+    check_names,
+    configuration_names,
+    resolve,
+)
 from policy_accel.experiment.outputs import claim_out_dir, write_json_atomic
 from policy_accel.experiment.results import load_results, read_results, write_report
 from policy_accel.experiment.results_schema import SCHEMA_VERSION
@@ -65,6 +71,7 @@ OPTIONS = {
     "score_launcher": list[str],
     "latency_launcher": list[str],
     "out_dir": str,
+    "checkpoint": str,
 }
 
 
@@ -80,6 +87,7 @@ def job_overrides(
     sweep's, e.g. to check a configuration without compiling its network)."""
     return [
         f"task={cfg.task.name}",
+        f"checkpoint={cfg.checkpoint}",
         f"seeds=[{','.join(map(str, seeds))}]",
         f"env_batch={env_batch}",
         f"threads={threads}",
@@ -102,19 +110,33 @@ def check_configurations(cfg: DictConfig, names: list[str], passes: list[tuple])
 def multirun(
     cfg: DictConfig, names: list[str], pass_name: str, seeds: list[int], env_batch: int, threads: int, launcher
 ) -> int:
-    """One ``rollout.py -m`` over ``names`` into ``<out_dir>/runs/<name>/passes/<pass_name>/``; its exit status."""
-    command = [
-        sys.executable,
-        str(ROOT / "eval" / "rollout.py"),
-        "--multirun",
-        *launcher,
-        f"+experiment={','.join(names)}",
-        *job_overrides(cfg, seeds, env_batch, threads),
-        f"hydra.sweep.dir={Path(cfg.out_dir).resolve() / 'runs'}",
-        f"hydra.sweep.subdir=${{hydra.runtime.choices.experiment}}/passes/{pass_name}",
-    ]
-    log.info("%s pass: %s", pass_name, " ".join(command[1:]))
-    return subprocess.run(command).returncode
+    """``rollout.py -m`` over ``names`` into ``<out_dir>/runs/<name>/passes/<pass_name>/``: one sweep over the
+    configurations with files of their own, one per family over its members' step counts; the worst exit status."""
+    files, members = [], {}
+    for name in names:
+        experiment, member = resolve(name)
+        if member:
+            members.setdefault(experiment, []).append(member[0].split("=", 1)[1])
+        else:
+            files.append(experiment)
+    sweeps = [(",".join(files), [], "${hydra.runtime.choices.experiment}")] if files else []
+    sweeps += [(family, [f"{STEPS_KEY}={','.join(steps)}"], "${configuration}") for family, steps in members.items()]
+    status = 0
+    for experiment, sweep, run_name in sweeps:
+        command = [
+            sys.executable,
+            str(ROOT / "eval" / "rollout.py"),
+            "--multirun",
+            *launcher,
+            f"+experiment={experiment}",
+            *sweep,
+            *job_overrides(cfg, seeds, env_batch, threads),
+            f"hydra.sweep.dir={Path(cfg.out_dir).resolve() / 'runs'}",
+            f"hydra.sweep.subdir={run_name}/passes/{pass_name}",
+        ]
+        log.info("%s pass: %s", pass_name, " ".join(command[1:]))
+        status = max(status, subprocess.run(command).returncode)
+    return status
 
 
 def merge(score: dict, latency: dict) -> dict:

@@ -43,6 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from policy_accel.errors import ConfigError, report_user_errors  # noqa: E402
+from policy_accel.experiment.configurations import resolve  # noqa: E402
 from policy_accel.experiment.outputs import (  # noqa: E402
     prepare_out_dir,
     save_figure_atomic,
@@ -53,7 +54,6 @@ from policy_accel.warm_starts import warm_start_of  # noqa: E402
 
 log = logging.getLogger("front")
 BUDGETS_MS = (5, 7.5, 10, 15, 20, 30, 40, 80, 160)
-EXPERIMENTS = ROOT / "configs" / "experiment"
 # Overrides that choose how a run is executed or where it writes, not which configuration it is.
 RUN_CONTROL = ("seeds", "n_episodes", "start_seed", "env_batch", "threads", "skip_existing", "out_dir", "save_video")
 FAMILY_COLORS = {
@@ -71,12 +71,14 @@ def is_toolkit(row: dict) -> bool:
 
 
 def experiment_name(row: dict) -> str | None:
-    """The ``+experiment`` that made the run: recorded in results.json, or the benchmark's run directory name."""
+    """The configuration that made the run: recorded in results.json, or the benchmark's run directory name."""
     if row.get("_experiment"):
         return row["_experiment"]
-    if (EXPERIMENTS / f"{row.get('_dir')}.yaml").is_file():
-        return row["_dir"]
-    return None
+    try:
+        resolve(str(row.get("_dir")))
+    except ConfigError:
+        return None
+    return row["_dir"]
 
 
 def config_overrides(row: dict) -> list[str]:
@@ -92,7 +94,11 @@ def config_overrides(row: dict) -> list[str]:
         return keep
     name = experiment_name(row)
     if name is not None:
-        return [f"+experiment={name}"]
+        try:
+            experiment, member = resolve(name)
+        except ConfigError:  # recorded by an older version under a name no longer defined
+            return [f"+experiment={name}"]
+        return [f"+experiment={experiment}", *member]
     # Older results.json without overrides or experiment: rebuild them from the recorded fields.
     out = [f"solver={row['solver']}", f"policy={row['policy']}", *warm_start_of(row).overrides()]
     if row.get("noise", "fresh") != "fresh":

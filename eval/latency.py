@@ -5,7 +5,7 @@ at batch 1, and how much of it is spent outside the network.
     python eval/latency.py 'engines=[torch,openvino,onnxruntime]' bf16=true   # every CPU engine, one run
     python eval/latency.py device=cuda 'engines=[torch,cuda_graphs]'  # a GPU, eager vs CUDA graphs
     python eval/latency.py model=dp_original                          # DP's original-size U-Net
-    python eval/latency.py 'configurations=[seq_ddim10,newton_broyden_warm]'   # any configs/experiment/ names
+    python eval/latency.py 'configurations=[seq_ddim_10,newton_broyden_warm]'   # any configs/experiment/ names
 
 Configurations are named configurations (``configs/experiment/<name>.yaml``,
 policy_accel/experiment/configurations.py), each

@@ -4,7 +4,7 @@
     python eval/rollout.py task=pusht solver=newton policy=ddpm100 warm_start=true n_episodes=5
     python eval/rollout.py -m solver=sequential,paradigms warm_start=false,true   # a sweep
     python eval/rollout.py task=pusht checkpoint=PATH solver=paradigms   # your own DP / LeRobot checkpoint
-    python eval/rollout.py -m hydra/launcher=joblib +experiment=seq_ddim4,paradigms   # jobs in parallel
+    python eval/rollout.py -m hydra/launcher=joblib +experiment=seq_ddpm100,paradigms   # jobs in parallel
     python eval/rollout.py solver=sequential policy=ddim10 warm_start=renoise renoise_steps=3   # APPROXIMATE
 
 Writes ``results.json`` (score = mean over episodes of max reward, success rate, per-inference
@@ -59,14 +59,15 @@ LEGACY_DEFAULTS = {
 LEGACY_OVERRIDE_KEYS = ("budget.", "check_exactness", "policy.schedule", "task.max_episode_steps", "+policy.schedule")
 
 
-def job_overrides() -> tuple[list[str], str | None]:
-    """This job's command-line overrides and its ``+experiment`` name (empty/None outside a Hydra job), so a
-    results.json says how to reproduce it."""
+def job_overrides(cfg: DictConfig) -> tuple[list[str], str | None]:
+    """This job's command-line overrides and its configuration's name (a family member's from its file's
+    ``configuration`` key, else the ``+experiment`` name; empty/None outside a Hydra job), so a results.json says
+    how to reproduce it."""
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:
         return [], None
-    return list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("experiment")
+    return list(hydra_cfg.overrides.task), cfg.get("configuration") or hydra_cfg.runtime.choices.get("experiment")
 
 
 def run_identity(cfg: DictConfig, setup: SessionSetup, env_batch: int) -> dict:
@@ -206,7 +207,7 @@ def run_claimed(
         len(seeds),
         env_batch,
     )
-    overrides, experiment = job_overrides()
+    overrides, experiment = job_overrides(cfg)
 
     def keep(outcome) -> None:
         write_json_atomic(out_dir / PROGRESS_FILE, {"run": identity, **outcome_to_dict(outcome)})

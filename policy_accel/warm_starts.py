@@ -251,14 +251,6 @@ class _FirstCall:
         return self.denoiser(x, t, cond)
 
 
-def remaining(budget: Budget | None, started: float) -> Budget | None:
-    """What is left of ``budget`` at this moment of an inference that began at ``started`` (``time.perf_counter``):
-    its time shrinks by what was spent (at least one round still runs: a spent budget stops after it)."""
-    if budget is None or budget.time_s is None:
-        return budget
-    return Budget(budget.max_iterations, max(budget.time_s - (time.perf_counter() - started), 1e-9))
-
-
 def falcon_solve(
     state: FalconState,
     denoiser: Denoiser,
@@ -314,7 +306,7 @@ def falcon_solve(
             z = noise.z[first:, idx]
             call = _FirstCall(denoiser, start, schedule.timesteps[first].expand(len(idx)), screen_eps[c, idx])
         # one budget for the whole inference: the screening call and the groups before this one are charged to it
-        result = solver.solve(call, chain, Noise(start, z), cond[idx], budget=remaining(budget, started))
+        result = solver.solve(call, chain, Noise(start, z), cond[idx], budget=budget and budget.remaining(started))
         sample[idx] = result.sample
         start_steps[idx] = first
         spent = screened_rounds if c < 0 else 0
@@ -832,7 +824,9 @@ class AdaptiveRestart(WarmStart):
                 if k >= T
                 else restart_chain(self._tails[k], guess[idx], rows, self.config.renoise)
             )
-            result = solver.solve(denoiser, part.schedule, part.noise, cond[idx], budget=remaining(budget, started))
+            result = solver.solve(
+                denoiser, part.schedule, part.noise, cond[idx], budget=budget and budget.remaining(started)
+            )
             sample[idx] = result.sample
             for i, n in zip(idx.tolist(), result.rounds_per_row(), strict=True):
                 rounds[i] = n

@@ -301,7 +301,7 @@ def test_benchmark_unknown_key_and_unwritable_out_dir_are_one_line(tmp_path):
     assert "n_episode" in line
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    run = run_script("benchmark.py", "n_episodes=1", "only=[seq_ddim1]", f"out_dir={blocker / 'out'}")
+    run = run_script("benchmark.py", "n_episodes=1", "only=[seq_ddim_1]", f"out_dir={blocker / 'out'}")
     line = one_error_line(run)
     assert f"out_dir='{blocker / 'out'}' cannot be written" in line and "report written" not in run.stdout
 

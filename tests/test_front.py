@@ -46,11 +46,12 @@ RENOISE = {"warm_start": "renoise", "renoise_steps": 2, "approximate": True, "ha
 
 def _sweep(runs: Path) -> None:
     """Sequential DDIM-2/4/10 and DDPM-100, one exact parallel configuration, one approximate one."""
-    _fake(runs / "seq_ddim2", "ddim2", "sequential", 0.60, 8.0, hardware=HW, experiment="seq_ddim2",
-          overrides=["+experiment=seq_ddim2", "task=pusht", "seeds=[100000,100001,100002]", "env_batch=50",
-                     "threads=1", "skip_existing=true", "hydra.sweep.dir=/x"])  # fmt: skip
-    _fake(runs / "seq_ddim4", "ddim4", "sequential", 0.85, 15.0, hardware=HW)  # old: no overrides, dir = experiment
-    _fake(runs / "seq_ddim10", "ddim10", "sequential", 0.93, 34.0, hardware=HW)
+    _fake(runs / "seq_ddim_2", "ddim2", "sequential", 0.60, 8.0, hardware=HW, experiment="seq_ddim_2",
+          overrides=["+experiment=seq_ddim", "policy.schedule.num_inference_steps=2", "task=pusht",
+                     "seeds=[100000,100001,100002]", "env_batch=50", "threads=1", "skip_existing=true",
+                     "hydra.sweep.dir=/x"])  # fmt: skip
+    _fake(runs / "seq_ddim_4", "ddim4", "sequential", 0.85, 15.0, hardware=HW)  # old: no overrides, dir = experiment
+    _fake(runs / "seq_ddim_10", "ddim10", "sequential", 0.93, 34.0, hardware=HW)
     _fake(runs / "seq_ddpm100", "ddpm100", "sequential", 0.94, 300.0, hardware=HW)
     _fake(runs / "renoise_ddim10_k2", "ddim10", "sequential", 0.72, 9.0, experiment="renoise_ddim10_k2",
           overrides=["+experiment=renoise_ddim10_k2"], **RENOISE)  # fmt: skip
@@ -81,9 +82,9 @@ def test_front_json_schema_and_choices(tmp_path):
     b = result["budgets"]
     assert b["5"]["sequential"] is None and b["5"]["toolkit"] is None  # nothing fits 5 ms
     assert b["10"]["sequential"] == {
-        "name": "seq_ddim2",
+        "name": "seq_ddim_2",
         "family": "DDIM (leading)",
-        "overrides": ["+experiment=seq_ddim2", "task=pusht"],
+        "overrides": ["+experiment=seq_ddim", "policy.schedule.num_inference_steps=2", "task=pusht"],
         "latency_ms_p50": 8.0,
         "latency_ms_p95": 16.0,
         "rounds_mean": 4.0,
@@ -96,8 +97,11 @@ def test_front_json_schema_and_choices(tmp_path):
         "overrides": ["+experiment=renoise_ddim10_k2"], "latency_ms_p50": 9.0, "latency_ms_p95": 18.0,
         "rounds_mean": 4.0, "nfe_mean": 4.0, "score": 0.72, "se": None,
     }  # fmt: skip
-    assert b["20"]["sequential"]["overrides"] == ["+experiment=seq_ddim4"]  # from the benchmark's run directory
-    assert b["40"]["sequential"]["name"] == "seq_ddim10" and b["40"]["toolkit"]["name"].endswith("(approximate)")
+    assert b["20"]["sequential"]["overrides"] == [
+        "+experiment=seq_ddim",
+        "policy.schedule.num_inference_steps=4",
+    ]  # from the benchmark's run directory
+    assert b["40"]["sequential"]["name"] == "seq_ddim_10" and b["40"]["toolkit"]["name"].endswith("(approximate)")
     newton = b["80"]["toolkit"]
     assert newton["name"] == "ddim16 newton[broyden] warm coupled (exact)" and newton["score"] == 0.95
     assert newton["overrides"] == [
@@ -107,9 +111,9 @@ def test_front_json_schema_and_choices(tmp_path):
         "solver.noise=coupled",
         "solver.options.jacobian=broyden",
     ]  # rebuilt from the recorded fields
-    assert b["160"]["sequential"]["name"] == "seq_ddim10"  # DDPM-100 (300 ms) fits no budget
+    assert b["160"]["sequential"]["name"] == "seq_ddim_10"  # DDPM-100 (300 ms) fits no budget
     md = (tmp_path / "pusht_front.md").read_text()
-    assert "| 10 ms | seq_ddim2: 0.600 @ 8.0 ms | renoise_ddim10_k2 (approximate): 0.720 @ 9.0 ms | – |" in md
+    assert "| 10 ms | seq_ddim_2: 0.600 @ 8.0 ms | renoise_ddim10_k2 (approximate): 0.720 @ 9.0 ms | – |" in md
     assert "| 5 ms | none fits | none fits | – |" in md and "**approximate**" in md
     assert (tmp_path / "pusht_front.png").stat().st_size > 0
 
@@ -199,13 +203,13 @@ def test_paired_difference_recovers_a_known_shift_with_a_paired_standard_error(t
 
     rng = random.Random(0)
     base = [rng.uniform(0.3, 1.0) for _ in range(200)]  # large seed-to-seed spread, shared by both
-    _seeded(tmp_path / "seq_ddim4", "ddim4", "sequential", 14.0, base)
+    _seeded(tmp_path / "seq_ddim_4", "ddim4", "sequential", 14.0, base)
     _seeded(tmp_path / "tk", "ddim10", "sequential", 15.0, [b + 0.05 + rng.gauss(0, 0.01) for b in base], **RENOISE)
     _seeded(tmp_path / "seq_dpmpp2m_4", "dpmpp2m4", "sequential", 13.0, [b - 0.02 for b in base],
             schedule={"kind": "dpmpp2m", "num_inference_steps": 4})  # fmt: skip
     result = write_front(load_results([tmp_path]), tmp_path / "f")
     b20 = result["budgets"]["20"]
-    assert b20["sequential"]["name"] == "seq_ddim4" and b20["toolkit"]["name"].endswith("(approximate)")
+    assert b20["sequential"]["name"] == "seq_ddim_4" and b20["toolkit"]["name"].endswith("(approximate)")
     assert b20["n"] == 200 and abs(b20["diff"] - 0.05) < 3 * b20["se"] and b20["se"] < 0.002
     assert b20["se"] < b20["sequential"]["se"] / 5  # pairing removes the shared spread
     assert set(b20["sequential_by_family"]) == {"DDIM (leading)", "DPM-Solver++ 2M"}
@@ -219,7 +223,7 @@ def test_heldout_difference_scores_the_first_half_pick_on_the_second_half_only(t
     seq = [0.6] * 100 + [0.7] * 100
     lucky = [0.95] * 100 + [0.5] * 100  # best on the picking half, mean 0.725
     steady = [0.75] * 200  # best over all seeds
-    _seeded(tmp_path / "seq_ddim2", "ddim2", "sequential", 8.0, seq)
+    _seeded(tmp_path / "seq_ddim_2", "ddim2", "sequential", 8.0, seq)
     _seeded(tmp_path / "lucky", "ddim10", "sequential", 9.0, lucky, **RENOISE)
     _seeded(tmp_path / "steady", "ddim4", "sequential", 9.5, steady, **{**RENOISE, "renoise_steps": 3})
     b = front(load_results([tmp_path]))["budgets"]["10"]
@@ -246,8 +250,8 @@ def test_criteria_need_a_heldout_win_of_two_standard_errors_and_no_shortfall_any
 
     rng = random.Random(1)
     base = [rng.uniform(0.3, 0.9) for _ in range(200)]
-    _seeded(tmp_path / "seq_ddim2", "ddim2", "sequential", 8.0, base)
-    _seeded(tmp_path / "seq_ddim10", "ddim10", "sequential", 30.0, [b + 0.1 for b in base])
+    _seeded(tmp_path / "seq_ddim_2", "ddim2", "sequential", 8.0, base)
+    _seeded(tmp_path / "seq_ddim_10", "ddim10", "sequential", 30.0, [b + 0.1 for b in base])
     _seeded(tmp_path / "tk", "ddim10", "sequential", 9.0, [b + 0.05 + rng.gauss(0, 0.01) for b in base], **RENOISE)
     c = front(load_results([tmp_path]))["criteria"]
     assert c["win_budgets_ms"] == ["10", "15", "20"]  # +0.05 with s.e. ~0.001 from 10 ms (7.5 and 5: none fits)
@@ -267,13 +271,19 @@ def test_score_check_pairs_the_same_configuration_across_engines(tmp_path):
     def episodes(rewards):
         return [{"seed": 100000 + i, "max_reward": r, "success": False, "steps": 300} for i, r in enumerate(rewards)]
 
-    _fake(tmp_path / "a" / "seq_ddim4", "ddim4", "sequential", 0.5, 9.0, episodes=episodes([0.4, 0.5, 0.6]))
+    _fake(tmp_path / "a" / "seq_ddim_4", "ddim4", "sequential", 0.5, 9.0, episodes=episodes([0.4, 0.5, 0.6]))
     _fake(tmp_path / "a" / "only_here", "ddim2", "sequential", 0.3, 5.0, episodes=episodes([0.3, 0.3, 0.3]))
     engine = {"name": "openvino", "precision": "f32"}
     _fake(
-        tmp_path / "b" / "seq_ddim4", "ddim4", "sequential", 0.6, 3.0, episodes=episodes([0.5, 0.6, 0.7]), engine=engine
+        tmp_path / "b" / "seq_ddim_4",
+        "ddim4",
+        "sequential",
+        0.6,
+        3.0,
+        episodes=episodes([0.5, 0.6, 0.7]),
+        engine=engine,
     )
     (check,) = score_check(load_results([tmp_path / "a"]), load_results([tmp_path / "b"]))
-    assert check["configuration"] == "seq_ddim4" and check["engines"] == ["torch", "openvino"]
+    assert check["configuration"] == "seq_ddim_4" and check["engines"] == ["torch", "openvino"]
     assert check["diff"] == pytest.approx(0.1) and check["se"] == pytest.approx(0.0, abs=1e-12) and check["n"] == 3
     assert check["within_2se"] is False  # a constant shift on every seed is a difference

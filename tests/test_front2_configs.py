@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
 from policy_accel.experiment.build import build_session
+from policy_accel.experiment.configurations import compose_configuration
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONT2 = yaml.safe_load((ROOT / "configs" / "benchmark.yaml").read_text())["front2"]
@@ -18,12 +18,11 @@ FRONT2 = yaml.safe_load((ROOT / "configs" / "benchmark.yaml").read_text())["fron
 
 @pytest.fixture(scope="module")
 def setups():
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        yield lambda name: build_session(compose("rollout", overrides=[f"+experiment={name}", "n_episodes=1"]))
+    yield lambda name: build_session(compose_configuration(name, ["n_episodes=1"]))
 
 
 def test_front2_covers_every_family_at_one_to_sixteen_steps():
-    for family in ("seq_ddim", "seq_ddimtr_", "seq_dpmpp2m_", "seq_unipc_"):
+    for family in ("seq_ddim_", "seq_ddimtr_", "seq_dpmpp2m_", "seq_unipc_"):
         steps = {int(n[len(family) :]) for n in FRONT2 if n.startswith(family) and n[len(family) :].isdigit()}
         assert steps == {1, 2, 3, 4, 5, 6, 8, 10, 12, 16}, family
     assert any(n.startswith("rti_") for n in FRONT2) and any(n.startswith("falcon_") for n in FRONT2)
@@ -36,10 +35,10 @@ def test_front2_configuration_builds(setups, name):
     if name.startswith("seq_"):
         assert setup.solver.name == "sequential" and not session.approximate and setup.warm_start is False
         family, steps = re.fullmatch(
-            r"seq_(ddimtr_|ddim|dpmpp2m_|unipc_|ddpm)(\d+)(?:_thresh15|_coupled)?", name
+            r"seq_(ddimtr_|ddim_|dpmpp2m_|unipc_|ddpm)(\d+)(?:_thresh15|_coupled)?", name
         ).groups()
         assert schedule.num_steps == int(steps)
-        kind = {"ddimtr_": "ddim", "ddim": "ddim", "dpmpp2m_": "dpmpp2m", "unipc_": "unipc", "ddpm": "ddpm"}[family]
+        kind = {"ddimtr_": "ddim", "ddim_": "ddim", "dpmpp2m_": "dpmpp2m", "unipc_": "unipc", "ddpm": "ddpm"}[family]
         assert schedule.config.kind == kind, (name, schedule.config.kind)
         assert ("ddimtr" in name) == (schedule.config.spacing == "trailing")
         assert ("thresh15" in name) == schedule.config.thresholding

@@ -24,7 +24,7 @@ def test_latency_report_has_the_cost_model_fields_per_engine(tmp_path):
         "n_episodes=1",
         "n_inferences=3",
         "engines=[torch,openvino]",
-        "configurations=[seq_ddpm100,newton_broyden_warm,seq_ddim2]",
+        "configurations=[seq_ddpm100,newton_broyden_warm,seq_ddim_2]",
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "latency.json").read_text())
@@ -34,7 +34,7 @@ def test_latency_report_has_the_cost_model_fields_per_engine(tmp_path):
     for engine, table in report["engines"].items():
         assert table["engine"]["name"] == engine and set(table["network_ms"]) == {"1", "4"}
         assert table["max_abs_dev_vs_eager"] <= 1e-5 and table["gflops"]["1"] > 0
-        assert set(table["samplers"]) == {"seq_ddpm100", "newton_broyden_warm", "seq_ddim2"}
+        assert set(table["samplers"]) == {"seq_ddpm100", "newton_broyden_warm", "seq_ddim_2"}
         for name, row in table["samplers"].items():
             assert row["latency_ms_p50"] > 0 and 0.0 <= row["overhead_frac"] <= 1.0, name
             assert row["network_ms_p50"] <= row["profiled_latency_ms_p50"]
@@ -45,12 +45,12 @@ def test_latency_report_has_the_cost_model_fields_per_engine(tmp_path):
         assert seq["cost_model_ms_p50"] == pytest.approx(100 * table["network_ms"]["1"])
     assert report["engines"]["torch"]["max_abs_dev_vs_eager"] == 0.0
     md = (tmp_path / "latency.md").read_text()
-    assert "| openvino | seq_ddim2 |" in md and "| torch | seq_ddim2 |" in md
+    assert "| openvino | seq_ddim_2 |" in md and "| torch | seq_ddim_2 |" in md
     # each row records the named configuration it ran, as configs/experiment/ defines it
     warm = report["engines"]["openvino"]["samplers"]["newton_broyden_warm"]["spec"]
     assert warm["experiment"] == "newton_broyden_warm" and warm["solver"] == "newton" and warm["warm_start"] is True
     assert warm["options"]["jacobian"] == "broyden" and warm["noise"] == "coupled"
-    assert report["engines"]["torch"]["samplers"]["seq_ddim2"]["spec"]["schedule"] == {
+    assert report["engines"]["torch"]["samplers"]["seq_ddim_2"]["spec"]["schedule"] == {
         "kind": "ddim",
         "num_inference_steps": 2,
     }
@@ -81,9 +81,9 @@ def test_bad_options_fail_in_one_line_before_anything_is_timed(tmp_path, overrid
 
 
 def test_unknown_configuration_fails_before_anything_is_timed(tmp_path):
-    cmd = [sys.executable, "eval/latency.py", f"out_dir={tmp_path}", "configurations=[seq_ddim10,seq_ddim_missing]"]
+    cmd = [sys.executable, "eval/latency.py", f"out_dir={tmp_path}", "configurations=[seq_ddim_10,seq_ddim_missing]"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "unknown configurations ['seq_ddim_missing']" in run.stderr
+    assert run.returncode != 0 and "unknown configuration 'seq_ddim_missing'" in run.stderr
     assert not (tmp_path / "latency.json").exists()
 
 

@@ -110,7 +110,7 @@ def test_skip_existing_reuses_only_the_same_run(tmp_path):
 
 def test_benchmark_dispatches_passes_as_multiruns_and_resumes(tmp_path):
     # A finished score pass from an interrupted benchmark: kept, not run again; the latency pass still runs.
-    score_dir = tmp_path / "runs" / "seq_ddim4" / "passes" / "score"
+    score_dir = tmp_path / "runs" / "seq_ddim_4" / "passes" / "score"
     score_dir.mkdir(parents=True)
     score = {
         **_identity(policy="ddim4", env_batch=2, seeds=[100000, 100001]), "n_episodes": 2, "score": 0.625,
@@ -119,15 +119,15 @@ def test_benchmark_dispatches_passes_as_multiruns_and_resumes(tmp_path):
     }  # fmt: skip
     (score_dir / "results.json").write_text(json.dumps(score))
     run = _python(
-        "benchmark.py", f"out_dir={tmp_path}", "only=[seq_ddim4]", "n_episodes=2", "score_env_batch=2",
+        "benchmark.py", f"out_dir={tmp_path}", "only=[seq_ddim_4]", "n_episodes=2", "score_env_batch=2",
         "latency_episodes=1", "threads=1",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "--multirun hydra/launcher=joblib" in run.stderr and "--multirun hydra/launcher=basic" in run.stderr
     assert "skipped (skip_existing=true)" in (score_dir / "rollout.log").read_text()
-    latency = json.loads((tmp_path / "runs" / "seq_ddim4" / "passes" / "latency" / "results.json").read_text())
+    latency = json.loads((tmp_path / "runs" / "seq_ddim_4" / "passes" / "latency" / "results.json").read_text())
     assert latency["env_batch"] == 1 and latency["seeds"] == [100000]
-    merged = json.loads((tmp_path / "runs" / "seq_ddim4" / "results.json").read_text())
+    merged = json.loads((tmp_path / "runs" / "seq_ddim_4" / "results.json").read_text())
     assert merged["score"] == 0.625 and merged["latency_ms"] == latency["latency_ms"]
     assert merged["latency_seeds"] == [100000] and merged["score_env_batch"] == 2
     assert "| ddim4 sequential | 0.625 |" in (tmp_path / "report.md").read_text()

@@ -56,16 +56,16 @@ def test_unfinished_and_cut_off_runs_are_skipped_with_a_warning(tmp_path, caplog
 
 
 def test_interrupted_sweep_keeps_finished_runs_and_reaggregates(tmp_path):
-    _fake_results(tmp_path / "runs" / "seq_ddim4", "ddim4", "sequential", 0.7, 20.0)
+    _fake_results(tmp_path / "runs" / "seq_ddim_4", "ddim4", "sequential", 0.7, 20.0)
     _fake_results(tmp_path / "runs" / "seq_ddpm100", "ddpm100", "sequential", 0.9, 300.0)
-    before = (tmp_path / "runs" / "seq_ddim4" / "results.json").read_text()
+    before = (tmp_path / "runs" / "seq_ddim_4" / "results.json").read_text()
     run = subprocess.run(
-        [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim4,seq_ddpm100]"],
+        [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim_4,seq_ddpm100]"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert "done already, skipped" in run.stderr
-    assert (tmp_path / "runs" / "seq_ddim4" / "results.json").read_text() == before
+    assert (tmp_path / "runs" / "seq_ddim_4" / "results.json").read_text() == before
     report = (tmp_path / "report.md").read_text()
     assert "| ddim4 sequential | 0.700 |" in report and "15.00x" in report  # 300 ms / 20 ms
     assert (tmp_path / "latency_vs_reward.png").stat().st_size > 0
@@ -77,13 +77,13 @@ def test_unknown_configuration_name_fails(tmp_path):
         [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim_missing]"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert run.returncode != 0 and "unknown configurations ['seq_ddim_missing']" in run.stderr
+    assert run.returncode != 0 and "unknown configuration 'seq_ddim_missing'" in run.stderr
 
 
 def test_bad_configuration_fails_before_any_job_starts(tmp_path):
     # every configuration's setup is built (build_session) before the first multirun is launched
     run = subprocess.run(
-        [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim4]", "threads=0"],
+        [sys.executable, str(ROOT / "eval" / "benchmark.py"), f"out_dir={tmp_path}", "only=[seq_ddim_4]", "threads=0"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode != 0 and "threads=0 is not allowed" in run.stderr

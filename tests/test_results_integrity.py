@@ -228,7 +228,7 @@ def _results(policy: str, solver: str, score, p50: float = 10.0, **extra) -> dic
 def _sweep(runs: Path, bad: dict) -> Path:
     """Two good runs and ``bad``, the best-scoring and fastest one but for its broken field."""
     for name, results in (
-        ("seq_ddim4", _results("ddim4", "sequential", 0.7, 15.0)),
+        ("seq_ddim_4", _results("ddim4", "sequential", 0.7, 15.0)),
         ("paradigms", _results("ddpm100", "paradigms", 0.8, 60.0)),
         ("broken", bad),
     ):
@@ -335,7 +335,7 @@ def test_an_unwritable_out_is_one_error(tmp_path, script):
 def test_benchmark_refuses_an_unwritable_out_dir_before_any_job(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    run = _run("benchmark.py", f"out_dir={blocker / 'bench'}", "only=[seq_ddim4]", "n_episodes=1")
+    run = _run("benchmark.py", f"out_dir={blocker / 'bench'}", "only=[seq_ddim_4]", "n_episodes=1")
     line = one_error_line(run)
     assert f"out_dir='{blocker / 'bench'}' cannot be written" in line, line
     assert "report written" not in run.stdout + run.stderr

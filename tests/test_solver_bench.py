@@ -36,5 +36,5 @@ def test_warm_start_configurations_and_unknown_names_are_refused(tmp_path):
     run = _bench(tmp_path, "configurations=[newton_broyden_warm]")
     assert run.returncode != 0 and "'newton_broyden_warm' sets warm_start=True" in run.stderr
     run = _bench(tmp_path, "configurations=[paradigms,newton_missing]")
-    assert run.returncode != 0 and "unknown configurations ['newton_missing']" in run.stderr
+    assert run.returncode != 0 and "unknown configuration 'newton_missing'" in run.stderr
     assert not (tmp_path / "solver_bench.json").exists()

@@ -20,7 +20,7 @@ from policy_accel.experiment.tasks import env_factory
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "data" / "warm_start_actions.json"
 CONFIGS = {
-    "cold_ddim4": ["+experiment=seq_ddim4"],
+    "cold_ddim4": ["+experiment=seq_ddim", "policy.schedule.num_inference_steps=4"],
     "renoise_ddimtr8_k2_coupled": ["+experiment=renoise_ddimtr8_k2"],
     "rti_ddim10_k3_clip": ["+experiment=rti_ddim10_k3", "rti.discrete_dims=[1]", "rti.discrete_factor=2.0"],
     "falcon_ddim10_e50": ["+experiment=falcon_ddim10_e05", "falcon.threshold=0.5"],

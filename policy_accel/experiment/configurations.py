@@ -7,9 +7,14 @@ and ``policy`` (sampler) groups and sets run options such as ``warm_start``, ``r
 everywhere:
 
     python eval/rollout.py +experiment=newton_broyden_warm                       # one, closed loop
-    python eval/benchmark.py 'only=[seq_ddim10,newton_broyden_warm]'             # a sweep of them
-    python eval/latency.py 'configurations=[seq_ddim10,newton_broyden_warm]'     # their latency
+    python eval/benchmark.py 'only=[seq_ddim_10,newton_broyden_warm]'             # a sweep of them
+    python eval/latency.py 'configurations=[seq_ddim_10,newton_broyden_warm]'     # their latency
     python eval/solver_bench.py 'configurations=[seq_ddpm100,paradigms]'         # their offline solves
+
+A *family* file (one with ``family_steps``, e.g. ``seq_ddim``) stands for one configuration per step count:
+``seq_ddim_10`` is ``+experiment=seq_ddim policy.schedule.num_inference_steps=10`` and records its name through the
+file's ``configuration`` key; ``seq_ddim`` in a list of names expands to every step count of ``family_steps``. Files
+stay for configurations that mean something on their own (a warm start, a solver setting, a baseline).
 
 Inside a Hydra application (``@hydra.main``) the configuration is composed with that application's config search
 path (``config_path="../configs"`` in every entry point); outside one, from ``config_dir``.
@@ -17,6 +22,8 @@ path (``config_path="../configs"`` in every entry point); outside one, from ``co
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,21 +40,57 @@ from policy_accel.policy import DiffusionPolicy
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 RUN_CONFIG = "rollout"  # the config a named configuration overrides
 EXPERIMENT_GROUP = "experiment"
+STEPS_KEY = "policy.schedule.num_inference_steps"  # what a family's members differ in
+
+
+def families(config_dir: Path = CONFIG_DIR) -> dict[str, list[int]]:
+    """Every family file and its step counts (``family_steps``)."""
+    found = {}
+    for path in sorted((Path(config_dir) / EXPERIMENT_GROUP).glob("*.yaml")):
+        steps = OmegaConf.load(path).get("family_steps")
+        if steps is not None:
+            found[path.stem] = [int(k) for k in steps]
+    return found
+
+
+def resolve(name: str, config_dir: Path = CONFIG_DIR) -> tuple[str, list[str]]:
+    """The experiment file of configuration ``name`` and the overrides that make it: ``([name], [])`` for a file of
+    its own, ``(family, [steps override])`` for a family member ``<family>_<steps>``. Raises ConfigError."""
+    path = Path(config_dir) / EXPERIMENT_GROUP / f"{name}.yaml"
+    known = families(config_dir)
+    if path.is_file() and name not in known:
+        return name, []
+    match = re.fullmatch(r"(.+)_(\d+)", name)
+    if match and match[1] in known:
+        return match[1], [f"{STEPS_KEY}={int(match[2])}"]
+    names = configuration_names(config_dir)
+    if name in known:
+        hint = f" ({name} is a family: name a member such as {name}_{known[name][0]})"
+    else:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"unknown configuration {name!r}{hint}; defined in {path.parent}: {', '.join(names)}")
 
 
 def configuration_names(config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Every defined configuration, sorted."""
-    return sorted(p.stem for p in (Path(config_dir) / EXPERIMENT_GROUP).glob("*.yaml"))
+    """Every defined configuration (family members at their ``family_steps``), sorted."""
+    known = families(config_dir)
+    names = [p.stem for p in (Path(config_dir) / EXPERIMENT_GROUP).glob("*.yaml") if p.stem not in known]
+    names += [f"{family}_{k}" for family, steps in known.items() for k in steps]
+    return sorted(names)
 
 
 def check_names(names: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
-    """``names`` as a list, or a :class:`ConfigError` naming the unknown ones and listing the defined ones."""
-    defined = configuration_names(config_dir)
-    unknown = [n for n in names if n not in defined]
-    if unknown:
-        where = Path(config_dir) / EXPERIMENT_GROUP
-        raise ConfigError(f"unknown configurations {unknown}; defined in {where}: {', '.join(defined)}")
-    return list(names)
+    """``names`` with each family expanded to its members, or a :class:`ConfigError` naming an unknown one."""
+    known = families(config_dir)
+    out = []
+    for name in names:
+        if name in known:
+            out += [f"{name}_{k}" for k in known[name]]
+        else:
+            resolve(name, config_dir)
+            out.append(name)
+    return out
 
 
 def compose_configuration(
@@ -60,8 +103,8 @@ def compose_configuration(
     ``overrides`` (Hydra override strings: a group choice such as ``policy=ddim16`` wins over the configuration's),
     then ``values`` (dotted key -> value, each replacing that node: how an entry point hands its own ``task``,
     ``device`` or ``threads`` to every configuration it runs)."""
-    check_names([name], config_dir)
-    arguments = [f"+{EXPERIMENT_GROUP}={name}", *overrides]
+    experiment, member = resolve(name, config_dir)
+    arguments = [f"+{EXPERIMENT_GROUP}={experiment}", *member, *overrides]
     try:
         if GlobalHydra.instance().is_initialized():
             cfg = compose(RUN_CONFIG, overrides=arguments)
@@ -98,4 +141,6 @@ __all__ = [
     "check_names",
     "compose_configuration",
     "configuration_names",
+    "families",
+    "resolve",
 ]

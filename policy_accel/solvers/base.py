@@ -58,6 +58,14 @@ class Budget:
     def __post_init__(self) -> None:
         check_fields(self)
 
+    def remaining(self, started: float) -> Budget:
+        """What is left of this budget at this moment of an inference that began at ``started``
+        (``time.perf_counter``) and runs several solves: its time shrinks by what was spent (at least one round still
+        runs: a spent budget stops after it)."""
+        if self.time_s is None:
+            return self
+        return Budget(self.max_iterations, max(self.time_s - (time.perf_counter() - started), 1e-9))
+
 
 @dataclass
 class SolveState:
