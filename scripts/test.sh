@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+# two workers: the tests run one torch thread each, and CI has two cores
+exec .venv/bin/python -m pytest -q -n 2 "$@"
