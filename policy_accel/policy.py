@@ -15,7 +15,7 @@ from policy_accel.errors import ObservationError
 from policy_accel.model.engine import CPU_ENGINES, EngineInfo, compile_denoiser, resolve_engine
 from policy_accel.model.inpainting import ObservationInpainting
 from policy_accel.model.normalizer import LinearNormalizer
-from policy_accel.model.transformer import TransformerConfig, TransformerForDiffusion
+from policy_accel.model.transformer import TransformerConfig, TransformerForDiffusion, check_transformer_config
 from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
 from policy_accel.observations import check_observation
 from policy_accel.schedule import Schedule, ScheduleConfig
@@ -95,6 +95,7 @@ class PolicyConfig:
 
     def _check_transformer(self) -> None:
         net = self.transformer
+        check_transformer_config(net)
         want = {
             "input_dim": self.chunk_dim,
             "output_dim": self.chunk_dim,
@@ -111,11 +112,6 @@ class PolicyConfig:
                     f"action_dim={self.action_dim}, horizon={self.horizon}, n_obs_steps={self.n_obs_steps}, "
                     f"inpainting={self.inpainting})"
                 )
-        for name in ("n_layer", "n_head", "n_emb"):
-            if getattr(net, name) < 1:
-                raise ValueError(f"transformer.{name}={getattr(net, name)} must be >= 1")
-        if net.n_emb % net.n_head:
-            raise ValueError(f"transformer.n_head={net.n_head} must divide n_emb={net.n_emb}")
 
     def _check_unet(self) -> None:
         unet = self.unet

@@ -47,8 +47,9 @@ class TransformerConfig:
     n_cond_layers: int = 0
 
 
-def _check(config: TransformerConfig) -> None:
-    """Refuse what DP refuses (or silently reinterprets, or fails on later) with one message naming the field."""
+def check_transformer_config(config: TransformerConfig) -> None:
+    """Refuse what DP refuses (or silently reinterprets, or fails on later) with one message naming the field: at
+    construction and when a policy's config is read (``PolicyConfig``)."""
     for name in ("input_dim", "output_dim", "horizon", "n_obs_steps", "n_layer", "n_head", "n_emb"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -118,7 +119,7 @@ class TransformerForDiffusion(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        _check(config)
+        check_transformer_config(config)
         self.config = config
         c = config
         # token counts as DP computes them: time is a trunk token without time_as_cond, else a condition token
