@@ -23,6 +23,7 @@ path (``config_path="../configs"`` in every entry point); outside one, from ``co
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,12 +46,19 @@ STEPS_KEY = "policy.schedule.num_inference_steps"  # what a family's members dif
 
 def families(config_dir: Path = CONFIG_DIR) -> dict[str, list[int]]:
     """Every family file and its step counts (``family_steps``)."""
-    found = {}
-    for path in sorted((Path(config_dir) / EXPERIMENT_GROUP).glob("*.yaml")):
+    return {name: list(steps) for name, steps in _read_families(Path(config_dir).resolve())}
+
+
+@functools.cache
+def _read_families(config_dir: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Read once per process: every name lookup (a sweep's, each row of a front) asks, and the files do not change
+    under a running command."""
+    found = []
+    for path in sorted((config_dir / EXPERIMENT_GROUP).glob("*.yaml")):
         steps = OmegaConf.load(path).get("family_steps")
         if steps is not None:
-            found[path.stem] = [int(k) for k in steps]
-    return found
+            found.append((path.stem, tuple(int(k) for k in steps)))
+    return tuple(found)
 
 
 def resolve(name: str, config_dir: Path = CONFIG_DIR) -> tuple[str, list[str]]:
