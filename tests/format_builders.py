@@ -4,7 +4,7 @@ The files use the source projects' key names and config structure (see
 ``/work/shared/reference/diffusion-policy-ecosystem.md``): a DP workspace ``.ckpt`` with a resolved
 ``train_diffusion_unet_lowdim_workspace`` cfg, and a LeRobot ``diffusion`` directory with its processor files.
 :class:`LeRobotUnet` re-creates LeRobot's ``DiffusionConditionalUnet1d`` module layout; it is written from
-LeRobot's source, independently of ``policy_accel.io.formats``' rename map, so a wrong map cannot pass a test by
+LeRobot's source, independently of ``policy_accel.io.lerobot``' rename map, so a wrong map cannot pass a test by
 agreeing with itself.
 
     python tests/format_builders.py checkpoints/pusht /tmp/byo   # writes /tmp/byo/{dp.ckpt,lerobot/}

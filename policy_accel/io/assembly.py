@@ -1,11 +1,14 @@
 """What every checkpoint reader shares: the trust check before any pickle, safe tensor reads, and the policy
 assembled from plain parts (config, denoiser state dict, normalizers), so each reader returns parts and none of them
-builds the policy its own way (no reader imports another).
+builds the policy its own way (no reader imports another). The Diffusion Policy and LeRobot readers also share the
+translation of diffusers' scheduler settings into a :class:`ScheduleConfig` (both projects configure diffusers'
+schedulers), and with it the refusal of settings our schedule tables cannot express.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -14,6 +17,7 @@ from safetensors.torch import load_file
 from policy_accel.errors import CheckpointError, ConfigError
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig, build_denoiser
+from policy_accel.schedule import ScheduleConfig
 
 
 def check_trust_pickle(trust_pickle: object, name: str = "trust_pickle") -> bool:
@@ -68,6 +72,78 @@ def assemble_policy(
         return DiffusionPolicy(config, model, obs_normalizer, action_normalizer)
     except ValueError as err:
         raise CheckpointError(f"{weights_desc}: {err}") from None
+
+
+# diffusers' constructor defaults: what DP gets for a scheduler argument its cfg leaves out.
+_DIFFUSERS_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+}
+# diffusers' spacing and dynamic thresholding (ScheduleConfig implements both); absent keys take these defaults.
+_DIFFUSERS_OPTIONAL = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+# Settings our schedule tables hard-code (ScheduleConfig.make_scheduler): any other value is refused.
+_SCHEDULER_FIXED = {
+    "variance_type": ("fixed_small",),  # DDPM only
+    "set_alpha_to_one": (True,),  # DDIM only
+    "steps_offset": (0,),
+    "clip_sample_range": (1.0,),
+    "trained_betas": (None,),
+    "rescale_betas_zero_snr": (False,),
+    "eta": (0, 0.0),
+}
+
+
+def _schedule_config(
+    path: Path, where: str, kind: str, settings: dict, num_inference_steps: Any, defaults: dict | None = None
+) -> ScheduleConfig:
+    """A :class:`ScheduleConfig` from diffusers-style scheduler settings, refusing what our tables cannot express."""
+    defaults = {**_DIFFUSERS_DEFAULTS, **(defaults or {})}
+    for name, allowed in _SCHEDULER_FIXED.items():
+        if name == "variance_type" and kind != "ddpm" or name == "set_alpha_to_one" and kind != "ddim":
+            continue
+        if name in settings and settings[name] not in allowed:
+            raise CheckpointError(
+                f"{path}: {where}.{name}={settings[name]!r} is not supported (only {allowed[0]!r}); "
+                "the sampler would not match the one the policy was trained and evaluated with"
+            )
+    value = {k: settings.get(k, v) for k, v in defaults.items()}
+    optional = {k: settings.get(k, v) for k, v in _DIFFUSERS_OPTIONAL.items()}
+    if value["prediction_type"] != "epsilon":
+        raise CheckpointError(
+            f"{path}: {where}.prediction_type={value['prediction_type']!r} is not supported; only 'epsilon' "
+            "(noise prediction) is"
+        )
+    num_train = _as_int(value["num_train_timesteps"], "num_train_timesteps")
+    steps = num_train if num_inference_steps is None else _as_int(num_inference_steps, "num_inference_steps")
+    try:
+        config = ScheduleConfig(
+            kind=kind,
+            num_inference_steps=steps,
+            num_train_timesteps=num_train,
+            beta_start=float(value["beta_start"]),
+            beta_end=float(value["beta_end"]),
+            beta_schedule=str(value["beta_schedule"]),
+            clip_sample=bool(value["clip_sample"]),
+            prediction_type="epsilon",
+            timestep_spacing=settings.get("timestep_spacing"),  # None: the kind's diffusers default (leading)
+            thresholding=optional["thresholding"],
+            dynamic_thresholding_ratio=float(optional["dynamic_thresholding_ratio"]),
+            sample_max_value=float(optional["sample_max_value"]),
+        )
+        config.make_scheduler()  # e.g. an unknown beta_schedule fails here, at load time
+    except (NotImplementedError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {where} is not a usable schedule: {err}") from None
+    return config
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ValueError(f"{name}={value!r} is not an integer (unresolved interpolation?)")
+    return int(value)
 
 
 def _few(keys: list[str], n: int = 5) -> str:

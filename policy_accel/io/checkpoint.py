@@ -4,7 +4,7 @@ Our format is a directory with ``config.json`` and ``model.safetensors``: the de
 ``model.<Diffusion Policy key>``, the normalizers under ``normalizer.{obs,action}.*``; safetensors
 never executes code on load. :func:`load_policy` also reads Diffusion Policy's workspace ``.ckpt``
 (a pickle, so only with ``trust_pickle=True``) and LeRobot's diffusion policy directory; the readers
-for those live in :mod:`policy_accel.io.formats`.
+for those live in :mod:`policy_accel.io.diffusion_policy_ckpt` and :mod:`policy_accel.io.lerobot`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from policy_accel.errors import CheckpointError, ConfigError
-from policy_accel.io import formats
 from policy_accel.io.assembly import assemble_policy, check_trust_pickle, read_safetensors
+from policy_accel.io.diffusion_policy_ckpt import PICKLE_SUFFIXES, load_diffusion_policy_ckpt
+from policy_accel.io.lerobot import is_lerobot_config, load_lerobot_dir
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.policy import DiffusionPolicy, PolicyConfig
 
@@ -93,14 +94,14 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
         raise ConfigError(f"checkpoint path {path!r} is not a file or directory name")
     path = Path(path)
     if not path.exists():
-        kind = "file" if path.suffix in formats.PICKLE_SUFFIXES else "directory"
+        kind = "file" if path.suffix in PICKLE_SUFFIXES else "directory"
         raise CheckpointError(f"checkpoint {kind} {path} does not exist")
     if path.is_file():
         if path.name in (CONFIG_FILE, WEIGHTS_FILE) or path.suffix in (".json", ".safetensors"):
             raise CheckpointError(
                 f"{path} is a single file of a checkpoint directory: pass the directory {path.parent} instead"
             )
-        policy, info = formats.load_diffusion_policy_ckpt(path, trust_pickle=trust_pickle)
+        policy, info = load_diffusion_policy_ckpt(path, trust_pickle=trust_pickle)
         return LoadedCheckpoint(policy, "diffusion_policy", info)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
@@ -112,8 +113,8 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> LoadedCheck
     raw = _read_json(config_path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path} is not a {FORMAT_NAME} config (a JSON object is expected)")
-    if "format" not in raw and formats.is_lerobot_config(raw):
-        policy, info = formats.load_lerobot_dir(path, raw)
+    if "format" not in raw and is_lerobot_config(raw):
+        policy, info = load_lerobot_dir(path, raw)
         return LoadedCheckpoint(policy, "lerobot", info)
     return LoadedCheckpoint(_load_own(path, raw), FORMAT_NAME, {"extra": raw.get("extra", {})})
 
