@@ -13,6 +13,12 @@ def _pusht() -> Callable[[], object]:
     return make_env
 
 
+def _pusht_image() -> Callable[[], object]:
+    from envs.pusht_image import make_env
+
+    return make_env
+
+
 def _robomimic(name: str) -> Callable[[], Callable[[], object]]:
     def factory() -> Callable[[], object]:
         from envs.robomimic import make_env
@@ -24,6 +30,7 @@ def _robomimic(name: str) -> Callable[[], Callable[[], object]]:
 
 TASKS: dict[str, Callable[[], Callable[[], object]]] = {
     "pusht": _pusht,
+    "pusht_image": _pusht_image,
     "lift": _robomimic("lift"),
     "can": _robomimic("can"),
 }
