@@ -73,19 +73,28 @@ def convert(
         "n_action_steps": config.n_action_steps,
         "schedule": f"{sched.kind}, {sched.num_inference_steps} of {sched.num_train_timesteps} steps",
         "parameters": sum(p.numel() for p in loaded.policy.model.parameters()),
+        **({"encoder": f"{config.encoder.kind}, cameras {dict(config.encoder.cameras)}"} if config.encoder else {}),
         **{k: v for k, v in loaded.info.items() if k in ("weights", "global_step", "epoch", "observation_layout")},
     }
 
 
 def _verify(source: DiffusionPolicy, written: DiffusionPolicy, exact: bool, dst: Path) -> None:
-    """The written file must give back the same denoiser and normalizers (bit for bit unless stored in fp16)."""
+    """The written file must give back the same denoiser, encoder and normalizers (bit for bit unless stored in
+    fp16)."""
     if written.config != source.config:
         raise CheckpointError(f"{dst}: the config read back differs from the source's")
-    theirs = written.model.state_dict()
-    for key, value in source.model.state_dict().items():
-        same = torch.equal(value, theirs[key]) if exact else torch.allclose(value, theirs[key], rtol=1e-3, atol=1e-4)
-        if not same:
-            raise CheckpointError(f"{dst}: tensor {key} read back differs from the source's")
+    modules = [("model", source.model, written.model)]
+    if source.encoder is not None:
+        modules.append(("encoder", source.encoder, written.encoder))
+    for prefix, mine, read in modules:
+        theirs = read.state_dict()
+        for key, value in mine.state_dict().items():
+            if exact or not value.is_floating_point():
+                same = torch.equal(value, theirs[key])
+            else:
+                same = torch.allclose(value, theirs[key], rtol=1e-3, atol=1e-4)
+            if not same:
+                raise CheckpointError(f"{dst}: tensor {prefix}.{key} read back differs from the source's")
     for a, b in (
         (source.obs_normalizer, written.obs_normalizer),
         (source.action_normalizer, written.action_normalizer),
@@ -107,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         help="allow unpickling a Diffusion Policy .ckpt; unpickling can run code from the file, so only for "
         "files from a source you trust",
     )
-    parser.add_argument("--fp16", action="store_true", help="store the denoiser in float16 (half the size)")
+    parser.add_argument(
+        "--fp16", action="store_true", help="store the denoiser's and encoder's parameters in float16 (half the size)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite the checkpoint files in a non-empty dst")
     args = parser.parse_args(argv)
     try:

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 
 from policy_accel.errors import ConfigError, ObservationError
-from policy_accel.observations import ObservationHistory, check_observation
+from policy_accel.observations import Observation, ObservationHistory, stack_observations
 from policy_accel.schema import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -130,8 +130,9 @@ class PlannedChunk:
     info: dict = field(default_factory=dict)
 
 
-# obs_history (n_obs_steps, obs_dim), time budget in seconds (None: unlimited) -> PlannedChunk (or the bare actions)
-Planner = Callable[[np.ndarray, "float | None"], "PlannedChunk | np.ndarray"]
+# obs_history (n_obs_steps, obs_dim) or a dict of (n_obs_steps, ...) arrays (an image policy's), time budget in
+# seconds (None: unlimited) -> PlannedChunk (or the bare actions)
+Planner = Callable[[Observation, "float | None"], "PlannedChunk | np.ndarray"]
 
 
 class SessionPlanner:
@@ -147,7 +148,7 @@ class SessionPlanner:
     def __init__(self, session: Session):
         self.session = session
 
-    def __call__(self, obs_history: np.ndarray, time_budget_s: float | None) -> PlannedChunk:
+    def __call__(self, obs_history: Observation, time_budget_s: float | None) -> PlannedChunk:
         from policy_accel.solvers.base import Budget
 
         base = self.session.budget
@@ -156,7 +157,7 @@ class SessionPlanner:
             time_s = base.time_s if time_s is None else min(time_s, base.time_s)
         max_iterations = None if base is None else base.max_iterations
         budget = None if time_s is None and max_iterations is None else Budget(max_iterations, time_s)
-        plan = self.session.plan(np.asarray(obs_history)[None], budget=budget)
+        plan = self.session.plan(stack_observations([obs_history]), budget=budget)
         reserve = self.session.policy.reserve(plan.result.sample)[0]
         return PlannedChunk(plan.actions[0], plan.record.converged, reserve, dataclasses.asdict(plan.record))
 
@@ -233,7 +234,7 @@ class InferenceError(RuntimeError):
 
 @dataclass
 class _Request:
-    history: np.ndarray
+    history: Observation
     obs_time: float
     submitted: float
     needed_at: float | None
@@ -288,7 +289,7 @@ class RealTimeController:
     """Fixed-rate control around a background planner; see the module docstring for the timing rules.
 
     ``obs_dim`` (optional) is the observation size every ``observe`` is checked against; without it, the first
-    observation of an episode sets the shape.
+    observation of an episode (an array, or a dict of arrays: an image policy's) sets the shape (the keys and shapes).
     """
 
     def __init__(
@@ -299,7 +300,7 @@ class RealTimeController:
         *,
         clock: Clock | None = None,
         fallback: str = "hold",
-        hold_action: Callable[[np.ndarray], np.ndarray] | None = None,
+        hold_action: Callable[[Observation], np.ndarray] | None = None,
         act_latency_s: float = 0.0,
         action_offset: int = 0,
         chunk_steps: int | None = None,
@@ -416,7 +417,7 @@ class RealTimeController:
         self._last_t = None
         self._last_action = None
 
-    def start_episode(self, obs: np.ndarray, seed: int | None = None, timeout: float | None = None) -> float:
+    def start_episode(self, obs: Observation, seed: int | None = None, timeout: float | None = None) -> float:
         """Reset, plan the first chunk synchronously and return the episode's first tick time ``t0``.
 
         For a robot that waits at rest until its first chunk is ready: the observation is as fresh when
@@ -424,8 +425,7 @@ class RealTimeController:
         ``t0 = now + act_latency_s``, and the loop's first ``act(t0)`` is due right away.
         """
         self._require_running()
-        obs_dim = self._history.obs_dim
-        obs = check_observation(obs, None if obs_dim is None else (obs_dim,))  # refused before anything is reset
+        obs = self._history.check(obs, episode_start=True)  # refused before anything is reset
         self.reset(seed)
         if not self.wait_for_inference(timeout):
             raise TimeoutError("the previous inference did not finish in time")
@@ -440,7 +440,7 @@ class RealTimeController:
         return self._queue[0].t
 
     # -- the loop's calls ------------------------------------------------------------------------
-    def observe(self, obs: np.ndarray, t: float) -> None:
+    def observe(self, obs: Observation, t: float) -> None:
         """A new observation taken at time ``t`` (may arrive later than ``t``); may start an inference.
 
         Times must be finite and non-decreasing within an episode: an observation older than the previous one
@@ -532,8 +532,8 @@ class RealTimeController:
             self._error_reported = True
             raise InferenceError(f"inference worker failed: {error!r}", tb) from error
 
-    def _append_obs(self, obs: np.ndarray, t: float) -> None:
-        self._history.push(np.array(obs, dtype=np.float64, copy=True))
+    def _append_obs(self, obs: Observation, t: float) -> None:
+        self._history.push(obs)  # the history keeps its own copy
         self._obs_time = t
         self._obs_seq += 1
 

@@ -17,7 +17,13 @@ from policy_accel.model.inpainting import ObservationInpainting
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.transformer import TransformerConfig, TransformerForDiffusion, check_transformer_config
 from policy_accel.model.unet import ConditionalUnet1D, UNetConfig
-from policy_accel.observations import check_observation
+from policy_accel.model.vision import EncoderConfig, ImageNormalizer, ObservationEncoder
+from policy_accel.observations import (
+    Observation,
+    ObservationHistory,
+    check_observation,
+    check_observation_dict,
+)
 from policy_accel.schedule import Schedule, ScheduleConfig
 from policy_accel.schema import check_fields, check_mapping
 from policy_accel.solvers.base import Noise, Solver, SolveResult
@@ -30,9 +36,13 @@ DENOISERS = ("unet", "transformer")  # Diffusion Policy's ConditionalUnet1D and 
 
 @dataclass
 class PolicyConfig:
-    """Shapes and training schedule of a low-dim Diffusion Policy: its denoiser (``unet`` or ``transformer``, whose
+    """Shapes and training schedule of a Diffusion Policy: its denoiser (``unet`` or ``transformer``, whose
     architecture is the section of that name; the other is None) and how observations condition it (``inpainting``:
-    DP's ``obs_as_global_cond=False``, the chunk is ``[action | observation]``; otherwise the network's condition)."""
+    DP's ``obs_as_global_cond=False``, the chunk is ``[action | observation]``; otherwise the network's condition).
+
+    ``encoder`` (an image policy): the observation is a dict of camera images and low-dim keys, and the encoder's
+    features of it are the network's condition; ``obs_dim`` is then the total of the encoder's low-dim keys (the
+    vector ``obs_normalizer`` normalizes, in the encoder config's ``low_dim`` order)."""
 
     task: str = "pusht"
     obs_dim: int = 18
@@ -45,11 +55,12 @@ class PolicyConfig:
     denoiser: str = "unet"
     transformer: TransformerConfig | None = None
     inpainting: bool = False
+    encoder: EncoderConfig | None = None
 
     def __post_init__(self) -> None:
         # Types first, then ranges: a config that loads must also run (n_action_steps=0 never ends an episode,
         # "16" as horizon fails deep inside, "no" would read as a true clip_sample).
-        check_fields(self, skip=("unet", "schedule", "transformer"))
+        check_fields(self, skip=("unet", "schedule", "transformer", "encoder"))
         if self.denoiser not in DENOISERS:
             raise ValueError(f"denoiser={self.denoiser!r} is not one of {list(DENOISERS)}")
         sections = (("unet", UNetConfig), ("schedule", ScheduleConfig), ("transformer", TransformerConfig))
@@ -67,7 +78,8 @@ class PolicyConfig:
         other = "transformer" if self.denoiser == "unet" else "unet"
         if getattr(self, other) is not None:
             raise ValueError(f"denoiser={self.denoiser!r} takes no {other} section (set {other}: null)")
-        for name in ("obs_dim", "action_dim", "horizon", "n_obs_steps", "n_action_steps"):
+        self._check_encoder()
+        for name in ("action_dim", "horizon", "n_obs_steps", "n_action_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
@@ -88,10 +100,40 @@ class PolicyConfig:
         return self.action_dim + (self.obs_dim if self.inpainting else 0)
 
     @property
+    def step_cond_dim(self) -> int:
+        """Condition width per observation step: the observation, or the encoder's features of it."""
+        return self.obs_dim if self.encoder is None else self.encoder.step_feature_dim()
+
+    @property
     def cond_dim(self) -> int:
-        """Width of the condition the denoiser is called with: the flattened normalised observation history (with
-        inpainting it is written into the chunk instead of conditioning the network)."""
-        return self.obs_dim * self.n_obs_steps
+        """Width of the condition the denoiser is called with: the flattened normalised observation history, or the
+        encoder's features of it (with inpainting it is written into the chunk instead of conditioning the network)."""
+        return self.step_cond_dim * self.n_obs_steps
+
+    def _check_encoder(self) -> None:
+        """The ``encoder`` section as an :class:`EncoderConfig` (from a config.json mapping), consistent with
+        ``obs_dim``; without one, ``obs_dim`` is the observation's size."""
+        if self.encoder is None:
+            if self.obs_dim < 1:
+                raise ValueError(f"obs_dim={self.obs_dim} must be >= 1")
+            return
+        if isinstance(self.encoder, dict):
+            try:
+                self.encoder = EncoderConfig.from_dict(self.encoder)
+            except ValueError as err:  # "EncoderConfig.width: ..." -> "encoder.width: ..."
+                raise ValueError(f"encoder.{str(err).removeprefix('EncoderConfig.')}") from None
+        elif not isinstance(self.encoder, EncoderConfig):
+            raise ValueError(f"encoder must be a mapping, got {self.encoder!r}")
+        if self.obs_dim != self.encoder.low_dim_total:
+            raise ValueError(
+                f"obs_dim={self.obs_dim} != the encoder's low-dim total {self.encoder.low_dim_total} "
+                f"({dict(self.encoder.low_dim)})"
+            )
+        if self.inpainting:
+            raise ValueError(
+                "inpainting=true is not supported with an image encoder (Diffusion Policy's image "
+                "policies condition the network on the encoder's features)"
+            )
 
     def _check_transformer(self) -> None:
         net = self.transformer
@@ -100,7 +142,7 @@ class PolicyConfig:
             "input_dim": self.chunk_dim,
             "output_dim": self.chunk_dim,
             "horizon": self.horizon,
-            "cond_dim": 0 if self.inpainting else self.obs_dim,
+            "cond_dim": 0 if self.inpainting else self.step_cond_dim,
             "obs_as_cond": not self.inpainting,
         }
         if not self.inpainting:  # the number of observation tokens (an inpainting transformer has none)
@@ -110,7 +152,7 @@ class PolicyConfig:
                 raise ValueError(
                     f"transformer.{name}={getattr(net, name)!r} != {value!r} (from obs_dim={self.obs_dim}, "
                     f"action_dim={self.action_dim}, horizon={self.horizon}, n_obs_steps={self.n_obs_steps}, "
-                    f"inpainting={self.inpainting})"
+                    f"inpainting={self.inpainting}, step condition width {self.step_cond_dim})"
                 )
 
     def _check_unet(self) -> None:
@@ -137,12 +179,17 @@ class PolicyConfig:
         global_cond_dim = 0 if self.inpainting else self.cond_dim
         if unet.global_cond_dim != global_cond_dim:
             what = "0 (inpainting)" if self.inpainting else "obs_dim*n_obs_steps"
+            if self.encoder is not None:
+                what = "encoder features per step*n_obs_steps"
             raise ValueError(f"unet.global_cond_dim={unet.global_cond_dim} != {what} = {global_cond_dim}")
         if self.horizon % 2 ** (len(unet.down_dims) - 1):
             raise ValueError(f"horizon={self.horizon} must be divisible by 2**(len(down_dims)-1)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-safe (config.json's ``policy`` section): the encoder as its own mapping form."""
+        out = asdict(self)
+        out["encoder"] = None if self.encoder is None else self.encoder.to_dict()
+        return out
 
 
 def build_denoiser(config: PolicyConfig) -> nn.Module:
@@ -166,7 +213,8 @@ NORMALIZED_OBSERVATION_LIMIT = 1e6  # normalized units: no real observation is a
 
 
 class DiffusionPolicy:
-    """Holds the denoiser and normalizers; sampling is delegated to a solver."""
+    """Holds the denoiser, the normalizers and an image policy's observation encoder; sampling is delegated to a
+    solver, which sees only the condition (the encoder runs once per inference, in :meth:`condition`)."""
 
     def __init__(
         self,
@@ -174,14 +222,20 @@ class DiffusionPolicy:
         model: nn.Module,
         obs_normalizer: LinearNormalizer,
         action_normalizer: LinearNormalizer,
+        encoder: ObservationEncoder | None = None,
     ):
         if obs_normalizer.dim != config.obs_dim or action_normalizer.dim != config.action_dim:
             raise ValueError(
                 f"normalizer dims ({obs_normalizer.dim}, {action_normalizer.dim}) do not match "
                 f"config (obs_dim={config.obs_dim}, action_dim={config.action_dim})"
             )
+        if (encoder is None) != (config.encoder is None) or encoder is not None and encoder.config != config.encoder:
+            raise ValueError("the observation encoder must be built from the config's encoder section (or both None)")
         self.config = config
         self.model = model.eval()
+        self.encoder = None if encoder is None else encoder.eval()
+        # the source policy's image normalisation (DP: [0, 1] -> [-1, 1]; LeRobot: mean/std), before the encoder
+        self.image_normalizer = None if config.encoder is None else ImageNormalizer(config.encoder)
         self._serve_eager()
         self._weight_tensors: list[torch.Tensor] = []
         self.obs_normalizer = obs_normalizer
@@ -199,6 +253,9 @@ class DiffusionPolicy:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model.to(device)
+        if self.encoder is not None:
+            self.encoder.to(device)
+            self.image_normalizer.to(device)
         self.obs_normalizer.to(device)
         self.action_normalizer.to(device)
         self._serve_eager()  # a compiled engine belongs to the old device
@@ -269,12 +326,43 @@ class DiffusionPolicy:
         offer whole compiled chains to the sequential solver)."""
         return self._forward
 
-    def condition(self, obs_history: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, n_obs_steps, obs_dim) raw observations -> (B, n_obs_steps * obs_dim) normalized condition."""
-        shape = (None, self.config.n_obs_steps, self.config.obs_dim)
-        raw = check_observation(obs_history, shape, "observation history")  # the check every entry path runs
-        obs = torch.as_tensor(raw).to(self.device, torch.float32)
-        cond = check_observation(self.obs_normalizer.normalize(obs), shape, "normalized observation")
+    def observation_history(self) -> ObservationHistory:
+        """An empty history that checks each observation as this policy takes it (a vector of ``obs_dim``, or a dict
+        of the encoder's cameras and low-dim keys) and pads as DP does."""
+        if self.config.encoder is None:
+            return ObservationHistory(self.config.n_obs_steps, self.config.obs_dim)
+        return ObservationHistory(self.config.n_obs_steps, layout=self.config.encoder)
+
+    def check_observation(
+        self, obs: Observation, lead: tuple[int | None, ...], what: str = "observation"
+    ) -> Observation:
+        """``obs`` checked as this policy's observations with leading axes ``lead`` (e.g. ``(None,)``: a batch of
+        steps): ``(*lead, obs_dim)``, or a dict of the encoder's keys (:func:`check_observation_dict`)."""
+        if self.config.encoder is None:
+            return check_observation(obs, (*lead, self.config.obs_dim), what)
+        return check_observation_dict(obs, self.config.encoder, lead, what)
+
+    def condition(self, obs_history: Observation) -> torch.Tensor:
+        """Raw observation history -> the (B, cond_dim) condition. Low-dim: (B, n_obs_steps, obs_dim), normalized
+        and flattened. With an encoder: a dict of (B, n_obs_steps, ...) arrays, each camera's images float in [0, 1]
+        and (C, H, W) per step (as DP's environments give them), each low-dim key's raw values; the encoder's
+        features of the normalized images and low-dim values, computed once here (never per denoising call)."""
+        # the check every entry path runs
+        obs = self.check_observation(obs_history, (None, self.config.n_obs_steps), "observation history")
+        encoder = self.config.encoder
+        if encoder is None:
+            return self._normalized(torch.as_tensor(obs).to(self.device, torch.float32)).reshape(len(obs), -1)
+        images = {name: torch.as_tensor(obs[name]).to(self.device, torch.float32) for name in encoder.camera_names}
+        low_dim = None
+        if encoder.low_dim:  # one vector in the encoder's low_dim order: what obs_normalizer normalizes
+            parts = [torch.as_tensor(obs[name]).to(self.device, torch.float32) for name in encoder.low_dim_names]
+            low_dim = self._normalized(torch.cat(parts, dim=-1))
+        with torch.inference_mode():
+            return self.encoder(self.image_normalizer(images), low_dim)
+
+    def _normalized(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, n_obs_steps, obs_dim) raw low-dim observations -> normalized, refused when far outside training."""
+        cond = check_observation(self.obs_normalizer.normalize(obs), tuple(obs.shape), "normalized observation")
         far = cond.abs() > NORMALIZED_OBSERVATION_LIMIT
         if far.any():  # refused on every engine alike (eager PyTorch overflows to NaN there, a compiled graph may not)
             b, t, d = (int(i) for i in torch.nonzero(far)[0])
@@ -283,7 +371,7 @@ class DiffusionPolicy:
                 f"(the training data spans [-1, 1]; limit {NORMALIZED_OBSERVATION_LIMIT:g}): check the observation's "
                 "units and layout"
             )
-        return cond.reshape(obs.shape[0], -1)
+        return cond
 
     def sync_engine(self) -> None:
         """Recompile the engine when the module's weights changed since it was compiled (an engine holds a copy):
@@ -313,6 +401,8 @@ class DiffusionPolicy:
             if not ((mask == 0) | (mask == float("-inf"))).all():
                 raise ValueError(f"denoiser tensor {key} is an attention mask with values other than 0 and -inf")
         check_finite_tensors(state, "denoiser")
+        if self.encoder is not None:
+            check_finite_tensors(self.encoder.state_dict(), "encoder")
         for name, norm in (("obs", self.obs_normalizer), ("action", self.action_normalizer)):
             check_finite_tensors({f"normalizer.{name}.scale": norm.scale, f"normalizer.{name}.offset": norm.offset})
             if (norm.scale == 0).any():  # unnormalize divides by it
@@ -341,7 +431,7 @@ class DiffusionPolicy:
 
     def predict_action(
         self,
-        obs_history: np.ndarray | torch.Tensor,
+        obs_history: Observation,
         solver: Solver,
         schedule: Schedule | None = None,
         generator: torch.Generator | None = None,

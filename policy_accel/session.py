@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from policy_accel.errors import CheckpointError, ObservationError
-from policy_accel.observations import ObservationHistory, check_observation
+from policy_accel.observations import Observation, ObservationHistory, stack_observations, unstack_observations
 from policy_accel.policy import DiffusionPolicy
 from policy_accel.schedule import Schedule
 from policy_accel.schema import PositiveInt, check_value
@@ -130,20 +130,20 @@ class Session:
         if seed is not None:
             self.generator.manual_seed(seed)
 
-    def select_action(self, obs: np.ndarray) -> np.ndarray:
-        """The newest observation (B, obs_dim) in, the action (B, action_dim) to execute now out (LeRobot's
+    def select_action(self, obs: Observation) -> np.ndarray:
+        """The newest observation (B, obs_dim), or for an image policy a dict of (B, ...) arrays (cameras: float
+        images in [0, 1], (C, H, W) per row), in; the action (B, action_dim) to execute now out (LeRobot's
         ``select_action``): the session keeps each row's observation history (DP's start padding) and plans a new
         chunk when the previous chunk's ``n_action_steps`` actions are spent; ``last_plan`` holds its solve."""
-        obs_dim = self.policy.config.obs_dim
-        obs = check_observation(obs, (None, obs_dim))
+        rows = unstack_observations(self.policy.check_observation(obs, (None,)))
         if not self._histories:
-            self._histories = [ObservationHistory(self.policy.config.n_obs_steps, obs_dim) for _ in range(len(obs))]
-        elif len(self._histories) != obs.shape[0]:
-            raise ObservationError(f"{obs.shape[0]} observations for a session of {len(self._histories)} rows")
-        for history, row in zip(self._histories, obs, strict=True):
+            self._histories = [self.policy.observation_history() for _ in rows]
+        elif len(self._histories) != len(rows):
+            raise ObservationError(f"{len(rows)} observations for a session of {len(self._histories)} rows")
+        for history, row in zip(self._histories, rows, strict=True):
             history.push(row)
         if not self._queue:
-            self.last_plan = self.plan(np.stack([h.stacked() for h in self._histories]))
+            self.last_plan = self.plan(stack_observations([h.stacked() for h in self._histories]))
             self._queue.extend(np.swapaxes(self.last_plan.actions, 0, 1))  # one (B, action_dim) per step
         return self._queue.popleft()
 
@@ -192,8 +192,9 @@ class Session:
                 fused_chain(self.policy.denoiser, chain, compile=True)
 
     @torch.inference_mode()
-    def plan(self, obs_history: np.ndarray, budget: Budget | None = None) -> Plan:
-        """(B, n_obs_steps, obs_dim) observations -> executed actions (B, n_action_steps, action_dim).
+    def plan(self, obs_history: Observation, budget: Budget | None = None) -> Plan:
+        """(B, n_obs_steps, obs_dim) observations (an image policy: a dict of (B, n_obs_steps, ...) arrays,
+        :meth:`DiffusionPolicy.condition`) -> executed actions (B, n_action_steps, action_dim).
 
         ``budget`` overrides ``self.budget`` for this call (a real-time controller's deadline).
         """

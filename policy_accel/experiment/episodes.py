@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from policy_accel.observations import ObservationHistory
+from policy_accel.observations import stack_observations
 from policy_accel.schema import PositiveInt, check_value
 from policy_accel.session import InferenceRecord, Session
 
@@ -107,7 +107,6 @@ def run_episodes(
     everything finished so far after every group, so a caller can keep it on disk.
     """
     check_value(env_batch, PositiveInt, "env_batch")
-    cfg = session.policy.config
     episodes: list[EpisodeResult] = list(finished.episodes) if finished else []
     records: list[InferenceRecord] = list(finished.records) if finished else []
     done_seeds = [e.seed for e in episodes]
@@ -119,7 +118,7 @@ def run_episodes(
     for g in range(len(done_seeds), len(seeds), env_batch):
         group = list(seeds[g : g + env_batch])
         envs = [make_env() for _ in group]
-        history = [ObservationHistory(cfg.n_obs_steps, cfg.obs_dim) for _ in group]  # checks what each env returns
+        history = [session.policy.observation_history() for _ in group]  # checks what each env returns
         for env, seed, h in zip(envs, group, history, strict=True):
             h.push(env.reset(seed=seed)[0])
         session.reset(seed=group[0])
@@ -131,7 +130,7 @@ def run_episodes(
         if film:
             frames.append(envs[0].render())
         while not done.all():
-            obs_batch = np.stack([h.stacked() for h in history])
+            obs_batch = stack_observations([h.stacked() for h in history])
             actions, _, record = session.plan(obs_batch)
             if record.row_iterations is not None:  # count live episodes only
                 record.row_iterations = [n for n, over in zip(record.row_iterations, done, strict=True) if not over]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from policy_accel.errors import CheckpointError, ConfigError
 from policy_accel.model.normalizer import LinearNormalizer
+from policy_accel.model.vision import ObservationEncoder
 from policy_accel.policy import DiffusionPolicy, PolicyConfig, build_denoiser
 from policy_accel.schedule import ScheduleConfig
 
@@ -45,33 +46,53 @@ def assemble_policy(
     action_normalizer: LinearNormalizer,
     weights_desc: str,
     config_desc: str,
+    encoder_state: dict[str, torch.Tensor] | None = None,
 ) -> DiffusionPolicy:
-    """Build the denoiser that ``config`` describes and load ``denoiser_state`` into it strictly.
+    """Build the denoiser (and an image policy's observation encoder, from ``encoder_state`` in
+    :class:`~policy_accel.model.vision.ObservationEncoder` names) that ``config`` describes and load the states into
+    them strictly.
 
-    Why strict and shape-checked first: a denoiser with a missing, extra or reshaped tensor would load
-    into something that runs and returns wrong actions; the error names both sources instead.
+    Why strict and shape-checked first: a network with a missing, extra or reshaped tensor would load into something
+    that runs and returns wrong actions; the error names both sources instead.
     """
     model = build_denoiser(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(denoiser_state))
-    unexpected = sorted(set(denoiser_state) - set(expected))
-    if missing or unexpected:
+    _load_strictly(model, denoiser_state, "", weights_desc, config_desc)
+    encoder = None
+    if config.encoder is not None:
+        encoder = ObservationEncoder(config.encoder)
+        _load_strictly(encoder, encoder_state or {}, "encoder ", weights_desc, config_desc)
+    elif encoder_state:
         raise CheckpointError(
-            f"{weights_desc} does not match {config_desc}: missing {_few(missing)}, unexpected {_few(unexpected)}"
+            f"{weights_desc} holds observation-encoder tensors ({_few(sorted(encoder_state))}) but {config_desc} has "
+            "no encoder section"
         )
-    bad = [
-        f"{k}: file {tuple(denoiser_state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if denoiser_state[k].shape != v.shape
-    ]
-    if bad:
-        raise CheckpointError(f"{weights_desc} has shapes that do not match {config_desc}: {bad[:3]}")
-    model.load_state_dict({k: v.float() for k, v in denoiser_state.items()}, strict=True)
     try:
         # also refuses non-finite weights and normalizers: they load into a policy that returns garbage "converged"
-        return DiffusionPolicy(config, model, obs_normalizer, action_normalizer)
+        return DiffusionPolicy(config, model, obs_normalizer, action_normalizer, encoder)
     except ValueError as err:
         raise CheckpointError(f"{weights_desc}: {err}") from None
+
+
+def _load_strictly(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, weights_desc: str, config_desc: str
+) -> None:
+    """Load ``state`` into ``module`` when its names and shapes are exactly the module's (floats as float32)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_desc} does not match {config_desc}: missing {what}{_few(missing)}, "
+            f"unexpected {what}{_few(unexpected)}"
+        )
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
+    if bad:
+        raise CheckpointError(f"{weights_desc} has {what}shapes that do not match {config_desc}: {bad[:3]}")
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
 
 
 # diffusers' constructor defaults: what DP gets for a scheduler argument its cfg leaves out.

@@ -1,8 +1,9 @@
 """Checkpoints: our own format, and the entry point that also reads other projects' Diffusion Policies.
 
 Our format is a directory with ``config.json`` and ``model.safetensors``: the denoiser under
-``model.<Diffusion Policy key>``, the normalizers under ``normalizer.{obs,action}.*``; safetensors
-never executes code on load. :func:`load_policy` also reads Diffusion Policy's workspace ``.ckpt``
+``model.<Diffusion Policy key>``, an image policy's observation encoder under ``encoder.<ObservationEncoder key>``
+(its architecture is config.json's ``policy.encoder``), the normalizers under ``normalizer.{obs,action}.*``;
+safetensors never executes code on load. :func:`load_policy` also reads Diffusion Policy's workspace ``.ckpt``
 (a pickle, so only with ``trust_pickle=True``) and LeRobot's diffusion policy directory; the readers
 for those live in :mod:`policy_accel.io.diffusion_policy_ckpt` and :mod:`policy_accel.io.lerobot`.
 """
@@ -49,13 +50,14 @@ def save_policy(
     """Write ``policy`` to directory ``path``; ``extra`` (e.g. training info) goes into config.json.
 
     ``weights_dtype=torch.float16`` halves the file (for committing); loading always yields float32.
-    Normalizers are stored in float32 whatever the choice.
+    Buffers (BatchNorm statistics, spatial-softmax grids, attention masks) and normalizers keep their own dtype
+    whatever the choice: they are small, and a keypoint grid rounded to float16 would move every feature.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"model.{k}": v.detach().cpu().to(weights_dtype).contiguous() for k, v in policy.model.state_dict().items()
-    }
+    tensors = _module_tensors(policy.model, "model.", weights_dtype)
+    if policy.encoder is not None:
+        tensors.update(_module_tensors(policy.encoder, "encoder.", weights_dtype))
     normalizers = {
         **policy.obs_normalizer.state_dict("normalizer.obs"),
         **policy.action_normalizer.state_dict("normalizer.action"),
@@ -69,6 +71,15 @@ def save_policy(
     tmp.replace(path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return path
+
+
+def _module_tensors(module: torch.nn.Module, prefix: str, weights_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``module``'s state dict under ``prefix``: parameters in ``weights_dtype``, buffers as they are."""
+    parameters = {name for name, _ in module.named_parameters()}
+    return {
+        prefix + k: (v.to(weights_dtype) if k in parameters else v).detach().cpu().contiguous()
+        for k, v in module.state_dict().items()
+    }
 
 
 def load_policy(
@@ -148,13 +159,14 @@ def _load_own(path: Path, raw: dict) -> DiffusionPolicy:
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{config_path} has an invalid policy config: {err}") from None
     tensors = read_safetensors(weights_path)
-    state = {k[len("model.") :]: v.float() for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    encoder_state = {k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")}
     try:
         obs_norm = LinearNormalizer.from_state_dict(tensors, "normalizer.obs")
         act_norm = LinearNormalizer.from_state_dict(tensors, "normalizer.action")
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{weights_path}: {err}") from None
-    return assemble_policy(config, state, obs_norm, act_norm, str(weights_path), str(config_path))
+    return assemble_policy(config, state, obs_norm, act_norm, str(weights_path), str(config_path), encoder_state)
 
 
 def checkpoint_info(path: str | Path) -> dict:
