@@ -210,6 +210,12 @@ def free_rounds(rounds: str, device: torch.device) -> bool:
     return rounds == "free" or (rounds == "auto" and device.type != "cuda")
 
 
+def largest_entry(x: torch.Tensor) -> torch.Tensor:
+    """(L, B, ...) -> (L, B): the largest |entry| of each state, the parallel solvers' stopping measure. A NaN entry
+    gives NaN, which each solver's non-finite check catches."""
+    return x.abs().flatten(2).amax(-1)
+
+
 def step_noise(schedule: Schedule, noise: Noise) -> torch.Tensor:
     """xi_j = noise_scale_j * z_j for every step, (T, B, H, A)."""
     return schedule.noise_scale.view(-1, *([1] * (noise.z.ndim - 1))) * noise.z
