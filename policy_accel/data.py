@@ -3,11 +3,14 @@ training, and a task's dataset built from its config (:func:`build_dataset`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from policy_accel.errors import ConfigError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -30,6 +33,34 @@ def pusht_lowdim_obs(buffer: dict[str, np.ndarray]) -> np.ndarray:
     """PushT low-dim observation per frame: 8 keypoints (16) + agent xy (2)."""
     n = len(buffer["state"])
     return np.concatenate([buffer["keypoint"].reshape(n, -1), buffer["state"][:, :2]], axis=1).astype(np.float32)
+
+
+PUSHT_IMAGE_CAMERAS = {"image": (3, 96, 96)}  # DP's PushTImageDataset: data/img, stored (N, 96, 96, 3) uint8
+PUSHT_IMAGE_LOW_DIM = {"agent_pos": 2}  # ... and state[:, :2]
+
+
+def load_pusht_image(
+    path: str | Path, cameras: Mapping[str, Sequence[int]], low_dim: Mapping[str, int]
+) -> dict[str, Any]:
+    """A PushT image replay buffer as DP's ``PushTImageDataset`` reads it: camera ``image`` = ``data/img`` (kept
+    (N, H, W, C) uint8, 1 byte a pixel in memory), low-dim ``agent_pos`` = ``state[:, :2]``, ``action``,
+    ``episode_ends``. ``cameras`` / ``low_dim``: the task's layout, which must be that one."""
+    cams = {name: tuple(int(v) for v in shape) for name, shape in cameras.items()}
+    lows = {name: int(dim) for name, dim in low_dim.items()}
+    if cams != PUSHT_IMAGE_CAMERAS or lows != PUSHT_IMAGE_LOW_DIM:
+        raise ConfigError(
+            f"{path}: a PushT image replay buffer gives cameras {PUSHT_IMAGE_CAMERAS} and low-dim "
+            f"{PUSHT_IMAGE_LOW_DIM}, the task asks for cameras {cams} and low-dim {lows}"
+        )
+    buffer = load_replay_buffer(path)
+    if "img" not in buffer:
+        raise ConfigError(f"{path} has no data/img (render it: see data/pusht_image/README.md)")
+    return {
+        "images": {"image": buffer["img"]},
+        "obs": buffer["state"][:, :2].astype(np.float32),
+        "action": buffer["action"].astype(np.float32),
+        "episode_ends": buffer["episode_ends"],
+    }
 
 
 def load_robomimic_hdf5(path: str | Path, obs_keys: list[str]) -> dict[str, np.ndarray]:
@@ -116,22 +147,58 @@ class SequenceDataset(torch.utils.data.Dataset):
         idx = self.window(i)
         return self.obs[idx[: self.n_obs_steps]], self.action[idx]
 
+    def frames(self, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), horizon) frame indices of many windows, edges padded."""
+        ep_start, ep_end, start = (torch.as_tensor(c) for c in self.indices[rows].T)
+        idx = start[:, None] + torch.arange(self.horizon)[None]
+        return torch.maximum(torch.minimum(idx, ep_end[:, None] - 1), ep_start[:, None])
+
     def batch(self, rows: np.ndarray, obs_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectorised gather of many windows (faster than a DataLoader on 2 cores): the first ``obs_steps``
         observations (default ``n_obs_steps``; an inpainting policy denoises them over the whole horizon) and the
         actions of each window."""
-        ep_start, ep_end, start = (torch.as_tensor(c) for c in self.indices[rows].T)
-        idx = start[:, None] + torch.arange(self.horizon)[None]
-        idx = torch.maximum(torch.minimum(idx, ep_end[:, None] - 1), ep_start[:, None])
+        idx = self.frames(rows)
         return self.obs[idx[:, : obs_steps or self.n_obs_steps]], self.action[idx]
+
+
+class ImageSequenceDataset(SequenceDataset):
+    """:class:`SequenceDataset` (its windows and padding; ``obs`` = the low-dim keys) plus camera images per frame,
+    kept as stored, (N, H, W, C) uint8, and converted per batch (the whole PushT set is 0.9 GB as uint8)."""
+
+    def __init__(
+        self,
+        images: dict[str, np.ndarray],
+        obs: np.ndarray,
+        action: np.ndarray,
+        episode_ends: np.ndarray,
+        horizon: int,
+        n_obs_steps: int,
+        n_action_steps: int,
+    ):
+        super().__init__(obs, action, episode_ends, horizon, n_obs_steps, n_action_steps)
+        self.images = {name: torch.as_tensor(frames) for name, frames in images.items()}
+
+    def batch_images(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Each camera's first ``n_obs_steps`` images of the windows ``rows`` (the windows :meth:`batch` gives), as
+        DP's image datasets give them: (B, n_obs_steps, C, H, W) float32 in [0, 1]."""
+        idx = self.frames(rows)[:, : self.n_obs_steps]
+        return {name: frames[idx].permute(0, 1, 4, 2, 3).float() / 255 for name, frames in self.images.items()}
 
 
 def build_dataset(task: DictConfig, max_episodes: int | None) -> tuple[SequenceDataset, np.ndarray, np.ndarray]:
     """A task config's (``configs/task/``) training windows and its raw observations and actions, from its first
-    ``max_episodes`` episodes (all when None): training and the offline solver benchmark read the same data."""
-    demos = load_demonstrations(task.dataset, task.get("obs_keys"))
+    ``max_episodes`` episodes (all when None): training and the offline solver benchmark read the same data. A task
+    with ``cameras`` gives an :class:`ImageSequenceDataset` whose observations are its ``low_dim`` keys."""
+    windows = (task.horizon, task.n_obs_steps, task.n_action_steps)
+    if "cameras" in task:
+        demos = load_pusht_image(task.dataset, task.cameras, task.low_dim)
+    else:
+        demos = load_demonstrations(task.dataset, task.get("obs_keys"))
     obs, action, ends = demos["obs"], demos["action"], demos["episode_ends"]
     if max_episodes is not None:
         ends = ends[:max_episodes]
         obs, action = obs[: ends[-1]], action[: ends[-1]]
-    return SequenceDataset(obs, action, ends, task.horizon, task.n_obs_steps, task.n_action_steps), obs, action
+    if "cameras" in task:
+        images = {name: frames[: len(obs)] for name, frames in demos["images"].items()}
+        return ImageSequenceDataset(images, obs, action, ends, *windows), obs, action
+    return SequenceDataset(obs, action, ends, *windows), obs, action

@@ -1,8 +1,13 @@
 """Write one of our policies in Diffusion Policy's and LeRobot's checkpoint formats (for tests and demos).
 
 The files use the source projects' key names and config structure (see
-``/work/shared/reference/diffusion-policy-ecosystem.md``): a DP workspace ``.ckpt`` with a resolved
-``train_diffusion_unet_lowdim_workspace`` cfg, and a LeRobot ``diffusion`` directory with its processor files.
+``/work/shared/reference/diffusion-policy-ecosystem.md`` and ``visuomotor-facts.md``): a DP workspace ``.ckpt`` with a
+resolved ``train_diffusion_unet_lowdim_workspace`` cfg, or for an image policy the ``train_diffusion_unet_hybrid``
+(robomimic encoder) or ``train_diffusion_unet_image`` (``MultiImageObsEncoder``) cfg with ``shape_meta`` and a
+normalizer per observation key, and a LeRobot ``diffusion`` directory with its processor files (cameras as
+``VISUAL`` features, their mean/std in the processor's statistics). The encoders' source names are written here from
+the sources' module layouts (robomimic's ``VisualCore`` with its ``nets.N`` aliases, torchvision's ResNet names,
+LeRobot's ``rgb_encoder``), not with ``policy_accel.model.vision``'s converters.
 :class:`LeRobotUnet` re-creates LeRobot's ``DiffusionConditionalUnet1d`` module layout; it is written from
 LeRobot's source, independently of ``policy_accel.io.lerobot``' rename map, so a wrong map cannot pass a test by
 agreeing with itself.
@@ -26,6 +31,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from policy_accel.model.vision import ObservationEncoder  # noqa: E402
 from policy_accel.policy import DiffusionPolicy  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -36,9 +42,9 @@ from policy_accel.policy import DiffusionPolicy  # noqa: E402
 DP_WORKSPACE = "diffusion_policy.workspace.train_diffusion_unet_lowdim_workspace.TrainDiffusionUnetLowdimWorkspace"
 
 
-def dp_workspace_cfg(policy: DiffusionPolicy) -> dict:
-    """The resolved cfg DP's ``train_diffusion_unet_lowdim_workspace`` stores, for ``policy``'s shapes."""
-    c, u, s = policy.config, policy.config.unet, policy.config.schedule
+def dp_scheduler_cfg(policy: DiffusionPolicy) -> dict:
+    """``policy.noise_scheduler`` as DP's configs write it (a diffusers scheduler's constructor arguments)."""
+    s = policy.config.schedule
     scheduler = {
         "_target_": f"diffusers.schedulers.scheduling_{s.kind}.{s.kind.upper()}Scheduler",
         "num_train_timesteps": s.num_train_timesteps,
@@ -52,6 +58,13 @@ def dp_workspace_cfg(policy: DiffusionPolicy) -> dict:
         scheduler["variance_type"] = "fixed_small"
     else:
         scheduler.update(set_alpha_to_one=True, steps_offset=0)
+    return scheduler
+
+
+def dp_workspace_cfg(policy: DiffusionPolicy) -> dict:
+    """The resolved cfg DP's ``train_diffusion_unet_lowdim_workspace`` stores, for ``policy``'s shapes."""
+    c, u, s = policy.config, policy.config.unet, policy.config.schedule
+    scheduler = dp_scheduler_cfg(policy)
     obs_dim = c.obs_dim
     return {
         "_target_": DP_WORKSPACE,
@@ -147,6 +160,158 @@ def dp_policy_state_dict(policy: DiffusionPolicy) -> dict[str, torch.Tensor]:
     return state
 
 
+DP_HYBRID_WORKSPACE = (
+    "diffusion_policy.workspace.train_diffusion_unet_hybrid_workspace.TrainDiffusionUnetHybridWorkspace"
+)
+DP_IMAGE_WORKSPACE = "diffusion_policy.workspace.train_diffusion_unet_image_workspace.TrainDiffusionUnetImageWorkspace"
+DP_HYBRID_POLICY = "diffusion_policy.policy.diffusion_unet_hybrid_image_policy.DiffusionUnetHybridImagePolicy"
+DP_IMAGE_POLICY = "diffusion_policy.policy.diffusion_unet_image_policy.DiffusionUnetImagePolicy"
+
+
+def dp_shape_meta(policy: DiffusionPolicy) -> dict:
+    """``shape_meta``: obs keys in the order the encoder concatenates them (robomimic: the feature order; DP image
+    sorts them itself, so cameras then low-dim keys as configured), the low-dim type left to DP's default."""
+    enc = policy.config.encoder
+    cameras, low_dim = dict(enc.cameras), dict(enc.low_dim)
+    order = enc.feature_order if enc.kind == "robomimic" else (*cameras, *low_dim)
+    obs = {k: {"shape": list(cameras[k]), "type": "rgb"} if k in cameras else {"shape": [low_dim[k]]} for k in order}
+    return {"obs": obs, "action": {"shape": [policy.config.action_dim]}}
+
+
+def dp_image_workspace_cfg(policy: DiffusionPolicy) -> dict:
+    """The resolved cfg of DP's ``train_diffusion_unet_hybrid_workspace`` (robomimic encoder, as in DP's published
+    ``image_pusht_diffusion_policy_cnn.yaml``) or ``train_diffusion_unet_image_workspace`` (``MultiImageObsEncoder``,
+    as ``train_diffusion_unet_real_image_workspace.yaml`` without its resize)."""
+    c, u, enc = policy.config, policy.config.unet, policy.config.encoder
+    meta = dp_shape_meta(policy)
+    crop = None if enc.crop_shape is None else list(enc.crop_shape)
+    hybrid = enc.kind == "robomimic"
+    policy_cfg = {
+        "_target_": DP_HYBRID_POLICY if hybrid else DP_IMAGE_POLICY,
+        "shape_meta": meta,
+        "noise_scheduler": dp_scheduler_cfg(policy),
+        "horizon": c.horizon,
+        "n_action_steps": c.n_action_steps,
+        "n_obs_steps": c.n_obs_steps,
+        "num_inference_steps": c.schedule.num_inference_steps,
+        "obs_as_global_cond": True,
+        "diffusion_step_embed_dim": u.diffusion_step_embed_dim,
+        "down_dims": list(u.down_dims),
+        "kernel_size": u.kernel_size,
+        "n_groups": u.n_groups,
+        "cond_predict_scale": u.cond_predict_scale,
+    }
+    if hybrid:
+        policy_cfg.update(crop_shape=crop, obs_encoder_group_norm=enc.norm == "group", eval_fixed_crop=True)
+    else:
+        policy_cfg["obs_encoder"] = {
+            "_target_": "diffusion_policy.model.vision.multi_image_obs_encoder.MultiImageObsEncoder",
+            "shape_meta": meta,
+            "rgb_model": {
+                "_target_": "diffusion_policy.model.vision.model_getter.get_resnet",
+                "name": "resnet18",
+                "weights": None,
+            },
+            "resize_shape": None,
+            "crop_shape": crop,
+            "random_crop": enc.random_crop,
+            "use_group_norm": enc.norm == "group",
+            "share_rgb_model": enc.shared,
+            "imagenet_norm": enc.imagenet_norm,
+        }
+    task = c.task
+    return {
+        "_target_": DP_HYBRID_WORKSPACE if hybrid else DP_IMAGE_WORKSPACE,
+        "name": "train_diffusion_unet_hybrid" if hybrid else "train_diffusion_unet_image",
+        "task_name": task,
+        "shape_meta": meta,
+        "exp_name": "default",
+        "horizon": c.horizon,
+        "n_obs_steps": c.n_obs_steps,
+        "n_action_steps": c.n_action_steps,
+        "n_latency_steps": 0,
+        "dataset_obs_steps": c.n_obs_steps,
+        "past_action_visible": False,
+        "keypoint_visible_rate": 1.0,
+        "obs_as_global_cond": True,
+        "policy": policy_cfg,
+        "ema": {
+            "_target_": "diffusion_policy.model.diffusion.ema_model.EMAModel",
+            "update_after_step": 0,
+            "inv_gamma": 1.0,
+            "power": 0.75,
+            "min_value": 0.0,
+            "max_value": 0.9999,
+        },
+        "dataloader": {"batch_size": 64, "num_workers": 8, "shuffle": True, "pin_memory": True},
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-4, "betas": [0.95, 0.999], "weight_decay": 1e-6},
+        "training": {"device": "cuda:0", "seed": 42, "use_ema": True, "num_epochs": 3050, "lr_scheduler": "cosine"},
+        "task": {"name": task, "shape_meta": meta, "image_shape": list(enc.cameras[0][1])},
+    }
+
+
+# torchvision resnet18's module names for ResNet18Trunk's positions (children()[:-2]: 2 relu and 3 maxpool hold none)
+TORCHVISION_TRUNK = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def dp_hybrid_encoder_state(encoder: ObservationEncoder) -> dict[str, torch.Tensor]:
+    """robomimic 0.2.0's ``ObservationEncoder`` names: per camera a ``VisualCore`` whose ``nets`` Sequential holds
+    ``[backbone (ResNet18Conv: .nets), pool (SpatialSoftmax), Flatten, Linear]`` and which also registers the
+    backbone and pool as attributes, so their tensors appear twice (``backbone.nets.*`` = ``nets.0.nets.*``,
+    ``pool.*`` = ``nets.1.*``); the Linear is ``nets.3``."""
+    out = {}
+    for i, cam in enumerate(encoder.config.camera_names):
+        core, base = encoder.cores[i], f"obs_encoder.obs_nets.{cam}."
+        for k, v in core.backbone.state_dict().items():
+            out[f"{base}backbone.nets.{k}"] = out[f"{base}nets.0.nets.{k}"] = v.detach().clone()
+        for k, v in core.pool.state_dict().items():
+            out[f"{base}pool.{k}"] = out[f"{base}nets.1.{k}"] = v.detach().clone()
+        for k, v in core.out.state_dict().items():
+            out[f"{base}nets.3.{k}"] = v.detach().clone()
+    return out
+
+
+def dp_image_encoder_state(encoder: ObservationEncoder) -> dict[str, torch.Tensor]:
+    """``MultiImageObsEncoder``'s names: ``key_model_map.<camera>`` (``.rgb`` when shared) is a torchvision resnet18
+    with ``fc = Identity`` (``conv1, bn1, layer1..4``), plus ModuleAttrMixin's ``_dummy_variable``."""
+    enc = encoder.config
+    out = {"obs_encoder._dummy_variable": torch.zeros(0)}
+    for i, key in enumerate(["rgb"] if enc.shared else enc.camera_names):
+        for k, v in encoder.cores[i].backbone.state_dict().items():
+            index, rest = k.split(".", 1)
+            out[f"obs_encoder.key_model_map.{key}.{TORCHVISION_TRUNK[index]}.{rest}"] = v.detach().clone()
+    return out
+
+
+def dp_image_policy_state_dict(policy: DiffusionPolicy) -> dict[str, torch.Tensor]:
+    """An image policy's ``state_dict()``: U-Net under ``model.``, the encoder under ``obs_encoder.``, and DP's
+    ``LinearNormalizer`` with one entry per key: each camera ``get_image_range_normalizer()`` (scale 2, offset -1,
+    shape (1,)), each low-dim key its slice of the fitted limits."""
+    enc = policy.config.encoder
+    state = {"_dummy_variable": torch.zeros(0), "mask_generator._dummy_variable": torch.zeros(0)}
+    state.update({f"model.{k}": v.detach().clone() for k, v in policy.model.state_dict().items()})
+    encoder_state = dp_hybrid_encoder_state if enc.kind == "robomimic" else dp_image_encoder_state
+    state.update(encoder_state(policy.encoder))
+    for cam in enc.camera_names:
+        image_range = {
+            "scale": [2.0],
+            "offset": [-1.0],
+            "input_stats.min": [0.0],
+            "input_stats.max": [1.0],
+            "input_stats.mean": [0.5],
+            "input_stats.std": [math.sqrt(1 / 12)],
+        }
+        state.update({f"normalizer.params_dict.{cam}.{k}": torch.tensor(v) for k, v in image_range.items()})
+    start = 0
+    norm = policy.obs_normalizer.state_dict("")
+    for name, dim in enc.low_dim:
+        for k, v in norm.items():
+            state[f"normalizer.params_dict.{name}{k}"] = v[start : start + dim].clone()
+        start += dim
+    state.update(policy.action_normalizer.state_dict("normalizer.params_dict.action"))
+    return state
+
+
 def write_dp_ckpt(
     policy: DiffusionPolicy,
     path: str | Path,
@@ -156,15 +321,20 @@ def write_dp_ckpt(
     include_ema: bool = True,
 ) -> Path:
     """``BaseWorkspace.save_checkpoint``'s payload, pickled with dill. ``model`` gets perturbed weights by default,
-    so a reader that took ``model`` instead of ``ema_model`` would give different actions."""
+    so a reader that took ``model`` instead of ``ema_model`` would give different actions. An image policy gets its
+    image workspace's cfg and state dict."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ema_state = ema_state if ema_state is not None else dp_policy_state_dict(policy)
+    image = policy.config.encoder is not None
+    if ema_state is None:
+        ema_state = dp_image_policy_state_dict(policy) if image else dp_policy_state_dict(policy)
+    if cfg is None:
+        cfg = dp_image_workspace_cfg(policy) if image else dp_workspace_cfg(policy)
     if model_state is None:
         model_state = {k: (v + 0.05 if k.startswith("model.") else v.clone()) for k, v in ema_state.items()}
     n_params = sum(1 for k in model_state if k.startswith("model."))
     payload = {
-        "cfg": OmegaConf.create(cfg if cfg is not None else dp_workspace_cfg(policy)),
+        "cfg": OmegaConf.create(cfg),
         "state_dicts": {
             "model": model_state,
             **({"ema_model": ema_state} if include_ema else {}),
@@ -214,7 +384,8 @@ def _lerobot_name(dp_key: str) -> str:
 
 
 def lerobot_unet_state_dict(policy: DiffusionPolicy, state_dim: int) -> dict[str, torch.Tensor]:
-    """Our U-Net in LeRobot's names, conditioning columns reordered from our ``[env, state]`` to ``[state, env]``."""
+    """Our U-Net in LeRobot's names; a low-dim policy's conditioning columns reordered from our ``[env, state]`` to
+    LeRobot's ``[state, env]`` (an image policy's condition is already LeRobot's ``[state, cameras, env]``)."""
     c = policy.config
     env_dim = c.obs_dim - state_dim
     dsed = c.unet.diffusion_step_embed_dim
@@ -225,9 +396,22 @@ def lerobot_unet_state_dict(policy: DiffusionPolicy, state_dim: int) -> dict[str
     out = {}
     for key, value in policy.model.state_dict().items():
         value = value.detach().clone()
-        if key.endswith("cond_encoder.1.weight"):
+        if key.endswith("cond_encoder.1.weight") and c.encoder is None:
             value = value[:, index].contiguous()
         out[_lerobot_name(key)] = value
+    return out
+
+
+def lerobot_rgb_encoder_state_dict(encoder: ObservationEncoder) -> dict[str, torch.Tensor]:
+    """``DiffusionModel.rgb_encoder``: a ModuleList of ``DiffusionRgbEncoder`` (``rgb_encoder.<i>.``) with separate
+    encoders per camera, one module (``rgb_encoder.``) when shared; inside, ``backbone`` (resnet18
+    ``children()[:-2]``, so positions 0..7), ``pool.nets`` / ``pool.pos_grid`` and ``out``."""
+    out = {}
+    for i, core in enumerate(encoder.cores):
+        base = "diffusion.rgb_encoder." + ("" if encoder.config.shared else f"{i}.")
+        for module in ("backbone", "pool", "out"):
+            for k, v in getattr(core, module).state_dict().items():
+                out[f"{base}{module}.{k}"] = v.detach().clone()
     return out
 
 
@@ -239,25 +423,41 @@ def _min_max(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def lerobot_stats(policy: DiffusionPolicy, state_dim: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Dataset statistics: min/max whose MIN_MAX map is the policy's normalizer (low-dim: our ``[env, state]``; image
+    policy: ``[state, env]``), and each camera's mean/std ``(C, 1, 1)`` (as LeRobot's image statistics are shaped)."""
+    enc = policy.config.encoder
     env_dim = policy.config.obs_dim - state_dim
     obs_lo, obs_hi = _min_max(policy.obs_normalizer.scale, policy.obs_normalizer.offset)
     act_lo, act_hi = _min_max(policy.action_normalizer.scale, policy.action_normalizer.offset)
+    state, env = (
+        (slice(env_dim, None), slice(0, env_dim)) if enc is None else (slice(0, state_dim), slice(state_dim, None))
+    )
     stats = {
-        "observation.state": {"min": obs_lo[env_dim:], "max": obs_hi[env_dim:]},
+        "observation.state": {"min": obs_lo[state], "max": obs_hi[state]},
         "action": {"min": act_lo, "max": act_hi},
     }
     if env_dim:
-        stats["observation.environment_state"] = {"min": obs_lo[:env_dim], "max": obs_hi[:env_dim]}
+        stats["observation.environment_state"] = {"min": obs_lo[env], "max": obs_hi[env]}
     for value in stats.values():  # LeRobot's dataset stats always carry all four
         value["mean"] = (value["min"] + value["max"]) / 2
         value["std"] = (value["max"] - value["min"]) / 4
+    for cam, (channels, _, _) in enc.cameras if enc is not None else ():
+        stats[cam] = {
+            "mean": torch.tensor(dict(enc.image_mean)[cam]).view(channels, 1, 1),
+            "std": torch.tensor(dict(enc.image_std)[cam]).view(channels, 1, 1),
+            "min": torch.zeros(channels, 1, 1),
+            "max": torch.ones(channels, 1, 1),
+        }
     return stats
 
 
 def lerobot_config(policy: DiffusionPolicy, state_dim: int) -> dict:
     """``DiffusionConfig`` as draccus writes ``config.json`` (every field, ``"type": "diffusion"``)."""
     c, u, s = policy.config, policy.config.unet, policy.config.schedule
+    enc = c.encoder
     inputs = {"observation.state": {"type": "STATE", "shape": [state_dim]}}
+    for cam, shape in enc.cameras if enc is not None else ():
+        inputs[cam] = {"type": "VISUAL", "shape": list(shape)}
     if c.obs_dim > state_dim:
         inputs["observation.environment_state"] = {"type": "ENV", "shape": [c.obs_dim - state_dim]}
     return {
@@ -279,12 +479,12 @@ def lerobot_config(policy: DiffusionPolicy, state_dim: int) -> dict:
         "vision_backbone": "resnet18",
         "resize_shape": None,
         "crop_ratio": 1.0,
-        "crop_shape": None,
+        "crop_shape": None if enc is None or enc.crop_shape is None else list(enc.crop_shape),
         "crop_is_random": True,
         "pretrained_backbone_weights": None,
-        "use_group_norm": True,
-        "spatial_softmax_num_keypoints": 32,
-        "use_separate_rgb_encoder_per_camera": False,
+        "use_group_norm": enc is None or enc.norm == "group",
+        "spatial_softmax_num_keypoints": 32 if enc is None else enc.num_keypoints,
+        "use_separate_rgb_encoder_per_camera": enc is not None and not enc.shared,
         "down_dims": list(u.down_dims),
         "kernel_size": u.kernel_size,
         "n_groups": u.n_groups,
@@ -313,14 +513,18 @@ def lerobot_config(policy: DiffusionPolicy, state_dim: int) -> dict:
 
 
 def write_lerobot_dir(policy: DiffusionPolicy, path: str | Path, state_dim: int = 2, layout: str = "processor") -> Path:
-    """A LeRobot diffusion policy directory. ``layout``: ``"processor"`` (LeRobot >= 0.4: statistics in the
-    processor files), ``"legacy"`` (statistics as ``normalize_inputs.buffer_*`` tensors in model.safetensors) or
-    ``"legacy_shapes"`` (legacy tensors and the pre-draccus ``input_shapes`` config)."""
+    """A LeRobot diffusion policy directory (an image policy's cameras as VISUAL features). ``layout``:
+    ``"processor"`` (LeRobot >= 0.4: statistics in the processor files), ``"legacy"`` (statistics as
+    ``normalize_inputs.buffer_*`` tensors in model.safetensors) or ``"legacy_shapes"`` (legacy tensors and the
+    pre-draccus ``input_shapes`` config)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = lerobot_config(policy, state_dim)
     tensors = lerobot_unet_state_dict(policy, state_dim)
+    if policy.encoder is not None:
+        tensors.update(lerobot_rgb_encoder_state_dict(policy.encoder))
     stats = lerobot_stats(policy, state_dim)
+    cameras = policy.config.encoder.camera_names if policy.config.encoder is not None else ()
     features = {**config["input_features"], **config["output_features"]}
     if layout == "processor":
         flat = {f"{k}.{s}": v for k, d in stats.items() for s, v in d.items()}
@@ -357,14 +561,14 @@ def write_lerobot_dir(policy: DiffusionPolicy, path: str | Path, state_dim: int 
             buffer = "buffer_" + key.replace(".", "_")
             prefixes = ["normalize_targets.", "unnormalize_outputs."] if key == "action" else ["normalize_inputs."]
             for prefix in prefixes:
-                for s in ("min", "max"):
+                for s in ("mean", "std") if key in cameras else ("min", "max"):
                     tensors[f"{prefix}{buffer}.{s}"] = d[s].clone()
         if layout == "legacy_shapes":
             shapes = {k: v["shape"] for k, v in config.pop("input_features").items()}
             config.pop("normalization_mapping")
             config["input_shapes"] = shapes
             config["output_shapes"] = {k: v["shape"] for k, v in config.pop("output_features").items()}
-            config["input_normalization_modes"] = {k: "min_max" for k in shapes}
+            config["input_normalization_modes"] = {k: "mean_std" if k in cameras else "min_max" for k in shapes}
             config["output_normalization_modes"] = {"action": "min_max"}
             del config["type"]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
@@ -422,7 +626,10 @@ class LeRobotUnet(nn.Module):
         super().__init__()
         dsed = config["diffusion_step_embed_dim"]
         action_dim = config["output_features"]["action"]["shape"][0]
-        global_cond_dim = sum(f["shape"][0] for f in config["input_features"].values()) * config["n_obs_steps"]
+        features = config["input_features"].values()
+        per_step = sum(f["shape"][0] for f in features if f["type"] in ("STATE", "ENV"))
+        per_step += 2 * config["spatial_softmax_num_keypoints"] * sum(f["type"] == "VISUAL" for f in features)
+        global_cond_dim = per_step * config["n_obs_steps"]
         self.diffusion_step_encoder = nn.Sequential(
             _SinusoidalPosEmb(dsed), nn.Linear(dsed, dsed * 4), nn.Mish(), nn.Linear(dsed * 4, dsed)
         )

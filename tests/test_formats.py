@@ -243,7 +243,10 @@ def _edit_dp(path: Path, edit) -> None:
         (lambda sd: sd.pop("model.final_conv.1.bias"), r"does not match .*missing \['final_conv.1.bias'\]"),
         (lambda sd: sd.update({"model.extra.weight": torch.zeros(1)}), r"unexpected \['extra.weight'\]"),
         (lambda sd: sd.pop("normalizer.params_dict.obs.scale"), "normalizer.params_dict.obs.scale' missing"),
-        (lambda sd: sd.update({"obs_encoder.obs_nets.image.nets.0.weight": torch.zeros(1)}), "image encoders"),
+        (
+            lambda sd: sd.update({"obs_encoder.obs_nets.image.nets.0.weight": torch.zeros(1)}),
+            "low-dim policy, but its weights hold observation-encoder tensors",
+        ),
         (lambda sd: sd.update({"normalizer.params_dict.agent_pos.scale": torch.ones(2)}), "does not have"),
         (lambda sd: sd.update({"model.final_conv.1.bias": torch.zeros(5)}), "shapes that do not match"),
     ],
@@ -273,7 +276,11 @@ def _set(cfg: dict, dotted: str, value) -> None:
         ({"n_latency_steps": 2}, "n_latency_steps"),
         (
             {"policy._target_": DP_POLICIES + "diffusion_unet_hybrid_image_policy.DiffusionUnetHybridImagePolicy"},
-            "image encoders are not supported",
+            "cfg has no shape_meta",
+        ),
+        (
+            {"policy._target_": DP_POLICIES + "diffusion_transformer_hybrid_image_policy.DiffusionTransformerHybrid"},
+            "DiffusionTransformerHybrid is not supported; only",
         ),
         (
             {"policy._target_": DP_POLICIES + "diffusion_transformer_lowdim_policy.DiffusionTransformerLowdimPolicy"},
@@ -374,7 +381,7 @@ def _rename(tensors: dict, old: str, new: str) -> None:
         (
             lambda c: c["input_features"].update({"observation.image": {"type": "VISUAL", "shape": [3, 96, 96]}}),
             None,
-            "image encoders are not supported",
+            "holds no image-encoder weights",
         ),
         (lambda c: c["input_features"].pop("observation.state"), None, "no 'observation.state'"),
         (lambda c: c.update(prediction_type="sample"), None, "prediction_type='sample' is not supported"),

@@ -1,4 +1,5 @@
-"""Our LeRobot reader against files and outputs made by LeRobot 0.6.1's own code (not by us).
+"""Our LeRobot reader against files and outputs made by LeRobot 0.6.1's own code (not by us): a state +
+environment-state policy, and one with a camera (encoder features, epsilon and executed actions on fixed images).
 
 Optional: LeRobot 0.6 needs Python >= 3.12 and torch < 2.12, so it lives in its own environment, never the project's.
 Either point ``LEROBOT_PYTHON`` at that environment's python (the test runs ``scripts/lerobot_reference.py`` with it)
@@ -20,8 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from policy_accel.io.checkpoint import load_policy
+from policy_accel.solvers import make_solver
+from policy_accel.solvers.base import Noise
 
 ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "observation.images.top"
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +65,30 @@ def test_load_policy_reproduces_lerobots_normalization_denoiser_and_unnormalizat
 
     raw_action = policy.action_normalizer.unnormalize(ref["norm_action"])
     torch.testing.assert_close(raw_action, ref["raw_action"], rtol=1e-5, atol=1e-3)
+
+
+def test_load_policy_reproduces_lerobots_camera_encoder_denoiser_and_actions(reference):
+    ref = load_file(str(reference / "image_reference.safetensors"))
+    policy = load_policy(reference / "image_policy")
+    encoder = policy.config.encoder
+    assert encoder.kind == "lerobot" and encoder.width == 64 and encoder.norm == "group" and not encoder.shared
+    assert encoder.camera_names == (IMAGE,) and encoder.low_dim == (("observation.state", 2),)
+
+    images = policy.image_normalizer({IMAGE: ref["raw_image"]})[IMAGE]
+    torch.testing.assert_close(images, ref["norm_image"], rtol=1e-5, atol=1e-5)
+    obs = {IMAGE: ref["raw_image"].numpy(), "observation.state": ref["raw_state"].numpy()}
+    cond = policy.condition(obs)  # [state, camera features] per step, steps flattened
+    torch.testing.assert_close(cond, ref["global_cond"], rtol=1e-5, atol=1e-5)
+
+    eps = policy.denoiser(ref["sample"], ref["timestep"], ref["global_cond"])
+    torch.testing.assert_close(eps, ref["eps"], rtol=1e-5, atol=1e-5)
+
+    # LeRobot's predict_action_chunk (what select_action queues) on a fixed initial noise; DDIM adds no other noise
+    schedule = policy.schedule()
+    noise = Noise(ref["noise"], torch.zeros(schedule.num_steps, *ref["noise"].shape))
+    with torch.inference_mode():
+        result = make_solver("sequential").solve(policy.denoiser, schedule, noise, cond)
+    start = policy.config.n_obs_steps - 1
+    executed = result.sample[:, start : start + policy.config.n_action_steps]
+    torch.testing.assert_close(executed, ref["norm_action"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(policy.actions(result.sample)), ref["raw_action"], rtol=1e-5, atol=1e-3)

@@ -642,13 +642,13 @@ def test_batch_one_and_many_agree(kind):
     assert (many - singles).abs().max().item() <= 1e-5
 
 
-def test_forward_refuses_training_mode_and_bad_shapes():
+def test_forward_refuses_lerobot_training_mode_and_bad_shapes():
+    lerobot = EncoderConfig(**SMALL["lerobot"])
+    with pytest.raises(RuntimeError, match="eval"):  # LeRobot's per-batch training crop is not reproduced
+        ObservationEncoder(lerobot)(*images_and_low(lerobot, 1, 2))
     cfg = EncoderConfig(**SMALL["robomimic"])
-    enc = ObservationEncoder(cfg)
+    enc = ObservationEncoder(cfg).eval()
     images, low = images_and_low(cfg, 1, 2)
-    with pytest.raises(RuntimeError, match="eval"):
-        enc(images, low)
-    enc.eval()
     with pytest.raises(ObservationError, match="'wrist' missing"):
         enc({"agentview": images["agentview"]}, low)
     with pytest.raises(ObservationError, match=r"images\['wrist'\]"):

@@ -168,8 +168,32 @@ class SessionSetup:
     threads: int
 
 
+_Layout = tuple[dict[str, list[int]], dict[str, int]]  # an image observation: camera (C, H, W)s and low-dim sizes
+
+
+def _observes(layout: _Layout | None, obs_dim: int | None) -> str:
+    return f"a low-dim vector (obs_dim={obs_dim})" if layout is None else f"cameras {layout[0]} and low-dim {layout[1]}"
+
+
 def check_task_dims(policy: DiffusionPolicy, task: DictConfig, checkpoint: str) -> None:
-    """Refuse a policy whose observation/action sizes differ from the task's: it was trained for something else."""
+    """Refuse a policy whose observations or action size differ from the task's: it was trained for something else.
+    An image task (``cameras``, ``low_dim``) needs a policy whose encoder takes exactly those, a low-dim task
+    (``obs_dim``) a policy without an encoder."""
+    encoder = policy.config.encoder
+    if "cameras" in task or encoder is not None:
+        task_layout = None
+        if "cameras" in task:
+            task_layout = ({k: list(v) for k, v in _get(task, "cameras").items()}, dict(_get(task, "low_dim") or {}))
+        policy_layout = None if encoder is None else ({k: list(v) for k, v in encoder.cameras}, dict(encoder.low_dim))
+        if policy_layout is None or policy_layout != task_layout or policy.config.action_dim != task.action_dim:
+            policy_observes = _observes(policy_layout, policy.config.obs_dim)
+            task_observes = _observes(task_layout, task.get("obs_dim"))
+            raise ConfigError(
+                f"checkpoint {checkpoint} observes {policy_observes} with action_dim={policy.config.action_dim}, but "
+                f"task {task.name!r} observes {task_observes} with action_dim={task.action_dim}: the policy was "
+                "trained for another task or observation layout"
+            )
+        return
     got = (policy.config.obs_dim, policy.config.action_dim)
     want = (task.obs_dim, task.action_dim)
     if got != want:

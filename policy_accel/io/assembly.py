@@ -167,5 +167,12 @@ def _as_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _tensor_dim(tensors: dict[str, torch.Tensor], key: str, where: str) -> int:
+    """``tensors[key].shape[0]``: sizes no config field records (an encoder's ResNet width), read from the weights."""
+    if key not in tensors:
+        raise CheckpointError(f"{where} has no {key!r}, which the observation encoder's size is read from")
+    return int(tensors[key].shape[0])
+
+
 def _few(keys: list[str], n: int = 5) -> str:
     return f"{keys[:n]}{'...' if len(keys) > n else ''}"

@@ -47,6 +47,14 @@ class LinearNormalizer:
         return out
 
     @classmethod
+    def concat(cls, parts: list[LinearNormalizer]) -> LinearNormalizer:
+        """One normalizer for the concatenation of ``parts``' vectors: sources normalize each observation key on its
+        own, our policy normalizes their concatenation. Statistics every part has are kept."""
+        names = set.intersection(*(set(p.stats) for p in parts))
+        stats = {name: torch.cat([p.stats[name].reshape(-1).float() for p in parts]) for name in sorted(names)}
+        return cls(torch.cat([p.scale for p in parts]), torch.cat([p.offset for p in parts]), stats)
+
+    @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str) -> LinearNormalizer:
         try:
             scale, offset = tensors[f"{prefix}.scale"], tensors[f"{prefix}.offset"]

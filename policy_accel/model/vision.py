@@ -22,7 +22,11 @@ reproducing its encoder bit for bit, without torchvision (whose default wheel pu
     ``SpatialSoftmax`` (buffer ``pos_grid``, ``attention @ pos_grid``) -> ``out`` Linear(64, 64) -> ReLU, center crop
     at evaluation, one encoder per camera or one shared; per step ``[state, camera features..., env state]``.
 
-What is *not* reproduced: training-time random crops (``forward`` refuses training mode), robomimic 0.2.0's own
+Training: in training mode a robomimic or DP image encoder random-crops as DP's ``CropRandomizer`` does, each image
+its own offset (:func:`random_crop`), so that ``policy_accel.train`` can train DP's image recipe; LeRobot's training
+crop (one torchvision ``RandomCrop`` offset per batch) is not reproduced, and such an encoder refuses training mode.
+
+What is *not* reproduced: robomimic 0.2.0's own
 CropRandomizer (it random-crops even at evaluation; DP's configs set ``eval_fixed_crop=True``), DP's and LeRobot's
 ``resize_shape`` (torchvision Resize; the real-robot DP configs use it: resize the images before this encoder),
 R3M / pretrained backbones other than loading their weights, and robomimic's ``num_kp=None`` / ``output_variance``.
@@ -63,6 +67,7 @@ __all__ = [
     "RobomimicVisualCore",
     "StateDictKeyError",
     "center_crop",
+    "random_crop",
     "convert_dp_image_state_dict",
     "convert_lerobot_state_dict",
     "convert_robomimic_state_dict",
@@ -374,6 +379,21 @@ class ImageNormalizer(nn.Module):
         return out
 
 
+def random_crop(x: Tensor, crop_shape: tuple[int, int]) -> Tensor:
+    """DP's ``CropRandomizer`` in training (robomimic's ``sample_random_image_crops``): every image of ``(N, C, H, W)``
+    gets its own offset ``floor((H - h) * U[0, 1))`` (drawn from torch's global generator, rows then columns), so
+    the training images are shifted by up to ``H - h - 1`` pixels around the evaluation crop."""
+    n, c, h, w = x.shape
+    ch, cw = crop_shape
+    top = ((h - ch) * torch.rand(n, 1, device=x.device)).long()
+    left = ((w - cw) * torch.rand(n, 1, device=x.device)).long()
+    rows = (top + torch.arange(ch, device=x.device))[:, None, :, None]  # (N, 1, ch, 1)
+    cols = (left + torch.arange(cw, device=x.device))[:, None, None, :]  # (N, 1, 1, cw)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return x[batch, channel, rows, cols]
+
+
 def center_crop(x: Tensor, crop_shape: tuple[int, int]) -> Tensor:
     """torchvision's ``center_crop`` for a crop no larger than the image: offsets ``int(round((H - h) / 2))``.
 
@@ -575,7 +595,8 @@ class ObservationEncoder(nn.Module):
     ``(B, To, sum of low_dim dims)`` in ``config.low_dim`` order (or ``None`` without low-dim keys). Per step the
     features follow ``config.feature_order``; steps follow one another (DP: ``reshape(B, -1)`` of the (B*To) rows;
     LeRobot: ``flatten(start_dim=1)``). Cores: ``cores.{i}`` per camera in ``config.cameras`` order, or one
-    ``cores.0`` when shared. Evaluation only: training-time random crops are not reproduced.
+    ``cores.0`` when shared. In training mode (robomimic, DP image) each image gets its own random crop
+    (:func:`random_crop`); at evaluation the center crop.
     """
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -593,8 +614,9 @@ class ObservationEncoder(nn.Module):
     def _prepare(self, x: Tensor) -> Tensor:
         if self.config.kind == "dp_image" and self.config.imagenet_norm:
             x = imagenet_normalize(x)
-        if self.config.applies_crop():
-            x = center_crop(x, self.config.crop_shape)  # type: ignore[arg-type]
+        if self.config.applies_crop():  # DP's CropRandomizer: random in training, center at evaluation
+            crop = random_crop if self.training else center_crop
+            x = crop(x, self.config.crop_shape)  # type: ignore[arg-type]
         return x
 
     def encode_cameras(self, images: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -617,8 +639,11 @@ class ObservationEncoder(nn.Module):
         return {cam: out[:, k] for k, cam in enumerate(cams)}
 
     def forward(self, images: Mapping[str, Tensor], low_dim: Tensor | None = None) -> Tensor:
-        if self.training:
-            raise RuntimeError("ObservationEncoder reproduces evaluation only (center crop): call .eval() first")
+        if self.training and self.config.kind == "lerobot":
+            raise RuntimeError(
+                "a LeRobot encoder reproduces evaluation only (its training crop is one RandomCrop per batch, not "
+                "reproduced): call .eval() first"
+            )
         cfg = self.config
         missing = [cam for cam in cfg.camera_names if cam not in images]
         if missing:
