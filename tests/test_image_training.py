@@ -4,6 +4,8 @@ windows, the training-time random crop, resuming, the EMA of the encoder, and th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,19 @@ def test_image_training_resumes_keeps_the_encoder_in_the_ema_and_runs_closed_loo
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "rollout" / "results.json").read_text())
     assert results["task"] == "pusht_image" and results["episodes"][0]["steps"] == 10
+    # the real-time controller takes the same dict observations (the image task holds at the agent's position)
+    realtime = subprocess.run(
+        [sys.executable, str(ROOT / "eval" / "realtime.py"), "threads=1", "task=pusht_image"]
+        + [f"checkpoint={policy_dir}", "policy=ddim4", "solver=sequential", "engine=torch", "seeds=[100000]"]
+        + ["max_steps=12", f"out_dir={tmp_path / 'realtime'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert realtime.returncode == 0, realtime.stderr[-3000:]
+    online = json.loads((tmp_path / "realtime" / "results.json").read_text())
+    assert online["task"] == "pusht_image" and online["episodes"][0]["steps"] == 12
 
     lowdim_state = {k: v for k, v in resumed.items() if k not in ("encoder", "ema_encoder")}
     torch.save(lowdim_state, out / "train_state.pt")  # another kind of run in the same out_dir: refused

@@ -13,9 +13,14 @@ from omegaconf import DictConfig
 
 from policy_accel.control import FALLBACKS, Clock, InferenceInfo, RealTimeController
 from policy_accel.experiment.build import SessionSetup, build_session, cfg_choice, cfg_float, cfg_int
+from policy_accel.observations import Observation
 
-# How a task holds position: PushT's action is the agent's target, so "hold" targets where the agent is.
-HOLD_ACTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"pusht": lambda obs: np.asarray(obs[-2:])}
+# How a task holds position: PushT's action is the agent's target, so "hold" targets where the agent is (the last two
+# entries of the low-dim observation; the image task's ``agent_pos`` key).
+HOLD_ACTIONS: dict[str, Callable[[Observation], np.ndarray]] = {
+    "pusht": lambda obs: np.asarray(obs[-2:]),
+    "pusht_image": lambda obs: np.asarray(obs["agent_pos"]),
+}
 
 
 MAX_RATE_HZ = 1000.0  # above this a tick is shorter than the OS's sleep granularity
@@ -63,5 +68,7 @@ def build_controller(
         latency_safety=cfg.latency_safety,
         deadline_margin_s=cfg.deadline_margin_ms / 1e3,
         on_inference=on_inference,
-        obs_dim=cfg.task.obs_dim,  # every observation is checked against the task's size
+        # every observation is checked against the task's size; an image task's dicts against the episode's first
+        # (and in full by the policy's condition)
+        obs_dim=cfg.task.get("obs_dim"),
     )
