@@ -43,9 +43,20 @@ def _wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
 # -- an output directory is claimed for the whole run -----------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    """A child started by a pytest that runs in the background (``pytest ... &``) inherits an ignored SIGINT and
+    would never see the Ctrl-C these tests send: restore the default before it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        _command(script, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _command(script, *args),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
     )
 
 

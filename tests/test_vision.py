@@ -115,8 +115,14 @@ def images_and_low(cfg: EncoderConfig, b: int, to: int, seed: int = 0) -> tuple[
 
 @pytest.fixture
 def robomimic_models(monkeypatch):
-    """robomimic.models.{base_nets, obs_core, obs_nets} imported against a stub torchvision; removed afterwards."""
-    before = set(sys.modules)
+    """robomimic.models.{base_nets, obs_core, obs_nets} imported against a stub torchvision, in a fresh copy of the
+    whole robomimic package: its registries (robomimic.utils.obs_utils) must not keep stub-era classes, or later
+    tests in the same process (the robomimic environments) would run on them. Every robomimic and torchvision module
+    is put back as it was afterwards."""
+    isolated = ("robomimic", "torchvision")
+    saved = {name: module for name, module in sys.modules.items() if name.startswith(isolated)}
+    for name in saved:
+        del sys.modules[name]
 
     def stub(name: str) -> types.ModuleType:
         module = types.ModuleType(name)
@@ -133,16 +139,16 @@ def robomimic_models(monkeypatch):
     tv.transforms, tv.models, transforms.functional = transforms, models, functional
     transforms.Lambda = transforms.Compose = object
     models.resnet18 = lambda pretrained=False, **_: TorchvisionResNet(64)  # robomimic's ResNet18Conv insists on 512
-    for name in [m for m in sys.modules if m.startswith("robomimic.models")]:
-        monkeypatch.delitem(sys.modules, name)
-    import robomimic.models.base_nets as base_nets
-    import robomimic.models.obs_core as obs_core
-    import robomimic.models.obs_nets as obs_nets
+    try:
+        import robomimic.models.base_nets as base_nets
+        import robomimic.models.obs_core as obs_core
+        import robomimic.models.obs_nets as obs_nets
 
-    yield types.SimpleNamespace(base_nets=base_nets, obs_core=obs_core, obs_nets=obs_nets)
-    for name in set(sys.modules) - before:
-        if name.startswith(("robomimic", "torchvision")):
-            sys.modules.pop(name, None)
+        yield types.SimpleNamespace(base_nets=base_nets, obs_core=obs_core, obs_nets=obs_nets)
+    finally:
+        for name in [name for name in sys.modules if name.startswith(isolated)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 class DPEvalCrop(nn.Module):
