@@ -291,17 +291,14 @@ def _dp_policy_config(path: Path, cfg: dict) -> PolicyConfig:
         nets: dict[str, Any] = {"unet": None}
         if denoiser == "unet":
             global_cond = model_cfg.get("global_cond_dim", obs_dim * n_obs_steps if obs_as_cond else None)
-            nets["unet"] = UNetConfig(
+            # ConditionalUnet1D's constructor defaults (not ours) for anything the cfg leaves out.
+            nets["unet"] = _dp_unet_config(
+                model_cfg,
+                "",
                 input_dim=_as_int(model_cfg.get("input_dim", chunk_dim), "policy.model.input_dim"),
                 global_cond_dim=0 if global_cond is None else _as_int(global_cond, "policy.model.global_cond_dim"),
-                # ConditionalUnet1D's constructor defaults (not ours) for anything the cfg leaves out.
-                diffusion_step_embed_dim=_as_int(
-                    model_cfg.get("diffusion_step_embed_dim", 256), "diffusion_step_embed_dim"
-                ),
-                down_dims=[_as_int(d, "down_dims") for d in model_cfg.get("down_dims", [256, 512, 1024])],
-                kernel_size=_as_int(model_cfg.get("kernel_size", 3), "kernel_size"),
-                n_groups=_as_int(model_cfg.get("n_groups", 8), "n_groups"),
-                cond_predict_scale=bool(model_cfg.get("cond_predict_scale", False)),
+                kernel_size=3,
+                cond_predict_scale=False,
             )
         else:
             nets["transformer"] = _dp_transformer_config(model_cfg, chunk_dim, horizon)
@@ -341,6 +338,25 @@ def _dp_schedule(path: Path, cfg: dict) -> ScheduleConfig:
 
 def _dp_task(cfg: dict) -> str:
     return str((cfg.get("task") or {}).get("name") or cfg.get("task_name") or "diffusion_policy")
+
+
+def _dp_unet_config(
+    section: dict, prefix: str, input_dim: int, global_cond_dim: int, kernel_size: int, cond_predict_scale: bool
+) -> UNetConfig:
+    """The U-Net of a DP config ``section`` (the low-dim ``policy.model`` or an image policy's ``policy``), with the
+    source constructor's defaults where the section is silent (they differ: kernel size and FiLM scale); errors
+    name the field as ``prefix + name``."""
+    return UNetConfig(
+        input_dim=input_dim,
+        global_cond_dim=global_cond_dim,
+        diffusion_step_embed_dim=_as_int(
+            section.get("diffusion_step_embed_dim", 256), f"{prefix}diffusion_step_embed_dim"
+        ),
+        down_dims=[_as_int(d, f"{prefix}down_dims") for d in section.get("down_dims", [256, 512, 1024])],
+        kernel_size=_as_int(section.get("kernel_size", kernel_size), f"{prefix}kernel_size"),
+        n_groups=_as_int(section.get("n_groups", 8), f"{prefix}n_groups"),
+        cond_predict_scale=bool(section.get("cond_predict_scale", cond_predict_scale)),
+    )
 
 
 def _dp_transformer_config(model_cfg: dict, chunk_dim: int, horizon: int) -> TransformerConfig:
@@ -454,16 +470,13 @@ def _dp_image_parts(
             n_obs_steps=n_obs_steps,
             n_action_steps=_as_int(_dp_get(cfg, "n_action_steps"), "n_action_steps"),
             # the image policies' constructor defaults for what the cfg leaves out
-            unet=UNetConfig(
+            unet=_dp_unet_config(
+                policy_cfg,
+                "policy.",
                 input_dim=action_dim,
                 global_cond_dim=encoder.step_feature_dim() * n_obs_steps,
-                diffusion_step_embed_dim=_as_int(
-                    policy_cfg.get("diffusion_step_embed_dim", 256), "policy.diffusion_step_embed_dim"
-                ),
-                down_dims=[_as_int(d, "policy.down_dims") for d in policy_cfg.get("down_dims", [256, 512, 1024])],
-                kernel_size=_as_int(policy_cfg.get("kernel_size", 5), "policy.kernel_size"),
-                n_groups=_as_int(policy_cfg.get("n_groups", 8), "policy.n_groups"),
-                cond_predict_scale=bool(policy_cfg.get("cond_predict_scale", True)),
+                kernel_size=5,
+                cond_predict_scale=True,
             ),
             schedule=_dp_schedule(path, cfg),
             encoder=encoder,
