@@ -144,6 +144,8 @@ def merge(score: dict, latency: dict) -> dict:
     merged = dict(score)
     for key in ("latency_ms", "iterations", "nfe", "latencies_ms", "unconverged_inferences", "warm_inferences"):
         merged[key] = latency[key]
+    if "condition_ms" in latency:  # runs from before the field have none
+        merged["condition_ms"] = latency["condition_ms"]
     devs = [d for d in (score.get("max_abs_dev"), latency.get("max_abs_dev")) if d is not None]
     merged["max_abs_dev"] = max(devs) if devs else None
     merged["approximate"] = bool(score.get("approximate")) or bool(latency.get("approximate"))

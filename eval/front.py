@@ -192,6 +192,14 @@ def entry(row: dict | None, seeds: list[int] | None = None) -> dict | None:
     }
 
 
+def _condition_cell(row: dict) -> str:
+    """The observation-to-condition time (an image policy's encoder) inside the row's median inference."""
+    ms = row.get("condition_p50_ms")
+    if ms is None:
+        return "–"
+    return f"{ms:.2f} ms ({ms / row['latency_p50_ms']:.0%})" if row["latency_p50_ms"] > 0 else f"{ms:.2f} ms"
+
+
 def hardware_of(rows: list[dict]) -> str:
     recorded = sorted({r["_hardware"] for r in rows if r.get("_hardware")})
     if len(recorded) > 1:
@@ -359,8 +367,8 @@ def write_markdown(
         "",
         "All configurations:",
         "",
-        "| configuration | family | kind | score (s.e.) | p50 ms | overrides |",
-        "|---|---|---|---|---|---|",
+        "| configuration | family | kind | score (s.e.) | p50 ms | of which condition (share) | overrides |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["latency_p50_ms"]):
         kind = "sequential" if not is_toolkit(r) else ("approximate" if r["approximate"] else "exact toolkit")
@@ -368,7 +376,7 @@ def write_markdown(
         se = f" ({e['se']:.3f})" if e["se"] is not None else ""
         lines.append(
             f"| {entry_name(r)} | {e['family']} | {kind} | {r['score']:.3f}{se} | {r['latency_p50_ms']:.1f} | "
-            f"`{' '.join(config_overrides(r))}` |"
+            f"{_condition_cell(r)} | `{' '.join(config_overrides(r))}` |"
         )
     lines += ["", f"![latency budget front]({image})", ""]
     write_text_atomic(path, "\n".join(lines))

@@ -225,6 +225,8 @@ def summarize(
         "e2e_latency_ms": _stats([x for e in episodes for x in e.e2e_s]),
         "action_age_ms": _stats([x for e in episodes for x in e.age_s]),
         "inference_ms": _stats([i.latency_s for i in bounded]),
+        # of which observation -> condition (an image policy's encoder)
+        "condition_ms": _stats([i.info["condition_s"] for i in bounded if "condition_s" in i.info]),
         "obs_to_ready_ms": _stats([i.finished - i.obs_time for i in bounded]),
         "budget_ms": _stats([i.budget_s for i in bounded]),
         "startup_ms": _stats([e.startup_s for e in episodes]),

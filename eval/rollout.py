@@ -245,15 +245,16 @@ def run_claimed(
         images[0].save(out_dir / "episode0.gif", save_all=True, append_images=images[1:], duration=100, loop=0)
     lat, it = results["latency_ms"], results["iterations"]
     print(
-        "\n| task | sampler | solver | warm | noise | episodes | score | success | p50 ms | p95 ms | iterations | nfe |"
+        "\n| task | sampler | solver | warm | noise | episodes | score | success | p50 ms | p95 ms | condition p50 ms "
+        "| iterations | nfe |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {results['task']} | {results['policy']} | {results['solver']} | "
         f"{results['warm_start']}{' (approx.)' if results['approximate'] else ''} | "
         f"{results['noise']} | "
         f"{results['n_episodes']} | {results['score']:.3f} | {results['success_rate']:.0%} | {lat['p50']:.1f} | "
-        f"{lat['p95']:.1f} | {it['mean']:.1f} | {results['nfe']['mean']:.0f} |"
+        f"{lat['p95']:.1f} | {results['condition_ms']['p50']:.2f} | {it['mean']:.1f} | {results['nfe']['mean']:.0f} |"
     )
     if results["max_abs_dev"] is not None:
         print(f"max |action - sequential action| over all inferences (normalized): {results['max_abs_dev']:.2e}")

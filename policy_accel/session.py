@@ -67,6 +67,9 @@ class InferenceRecord:
     # re-noising itself is not in it (it is labelled by ``Session.approximate`` instead).
     deviation: float | None = None
     row_iterations: list[int] | None = None  # rounds per batch row (= a batch-1 solve's count for Newton)
+    # of ``latency_s``: the observation to the network's condition (normalization, and an image policy's encoder,
+    # which runs once per inference), so reports can show what the denoiser's solve left to the encoder
+    condition_s: float = 0.0
 
 
 class Plan(NamedTuple):
@@ -201,6 +204,7 @@ class Session:
         start = time.perf_counter()
         self.policy.sync_engine()
         cond = self.policy.condition(obs_history)
+        condition_s = time.perf_counter() - start
         noise = self._noise(cond.shape[0])
         chain = self.warm.prepare(self.schedule, noise, self.policy.config.n_action_steps, cond)
         result, warm = self.warm.solve(
@@ -225,5 +229,6 @@ class Session:
             warm,
             deviation,
             result.rounds_per_row(),
+            condition_s,
         )
         return Plan(actions, result, record)

@@ -287,3 +287,15 @@ def test_score_check_pairs_the_same_configuration_across_engines(tmp_path):
     assert check["configuration"] == "seq_ddim_4" and check["engines"] == ["torch", "openvino"]
     assert check["diff"] == pytest.approx(0.1) and check["se"] == pytest.approx(0.0, abs=1e-12) and check["n"] == 3
     assert check["within_2se"] is False  # a constant shift on every seed is a difference
+
+
+def test_the_front_shows_each_configurations_condition_share(tmp_path):
+    """An image policy's encoder time (results.json ``condition_ms``) is a column of the front's table; runs from
+    before the field show a dash."""
+    _fake(tmp_path / "a", "ddim2", "sequential", 0.60, 8.0, hardware=HW, condition_ms={"p50": 2.0, "mean": 2.1})
+    _fake(tmp_path / "b", "ddim10", "sequential", 0.90, 30.0, hardware=HW)
+    write_front(load_results([tmp_path]), tmp_path / "f")
+    lines = (tmp_path / "f.md").read_text().splitlines()
+    assert "| configuration | family | kind | score (s.e.) | p50 ms | of which condition (share) | overrides |" in lines
+    assert any(x.startswith("| ddim2 ") and "| 2.00 ms (25%) |" in x for x in lines)
+    assert any(x.startswith("| ddim10 ") and "| 8.0 |" not in x and "| – |" in x for x in lines)

@@ -4,6 +4,7 @@ denoiser, every solver and warm start run on its condition unchanged (tiny encod
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from test_vision import SMALL, randomize
 
 from policy_accel.control import FakeClock, RealTimeController, SessionPlanner
 from policy_accel.errors import CheckpointError, ObservationError
-from policy_accel.experiment.episodes import run_episodes
+from policy_accel.experiment.episodes import RolloutOutcome, run_episodes
 from policy_accel.io.checkpoint import load_policy, save_policy
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.unet import UNetConfig
@@ -133,6 +134,23 @@ def test_the_encoder_runs_once_per_inference_whatever_the_solver(policy):
             session.plan(obs)
             session.plan(observations((2, TO), seed=1))
         assert calls.n == 2, name
+
+
+def test_each_inference_records_the_encoders_time_inside_its_latency(policy):
+    """The encoder made 30 ms slower shows as >= 30 ms of condition time per inference, inside the latency, and in
+    the rollout summary (reports show the encoder's share from it)."""
+    handle = policy.encoder.register_forward_hook(lambda *_: time.sleep(0.03))
+    try:
+        session = Session(policy, make_solver("sequential"), policy.schedule(kind="ddim", num_inference_steps=2))
+        plans = [session.plan(observations((2, TO), seed=s)) for s in range(2)]
+    finally:
+        handle.remove()
+    for plan in plans:
+        assert 0.03 <= plan.record.condition_s <= plan.record.latency_s
+    summary = RolloutOutcome([], [p.record for p in plans]).summary()
+    assert summary["condition_ms"]["p50"] >= 30 and summary["condition_ms"]["p50"] <= summary["latency_ms"]["p50"]
+    unslowed = session.plan(observations((2, TO), seed=3)).record
+    assert unslowed.condition_s < 0.03 and unslowed.condition_s > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class RolloutOutcome:
     def summary(self) -> dict:
         """The numeric part of results.json: score, success rate, latency and iteration statistics."""
         lat = np.array([r.latency_s for r in self.records]) * 1e3
+        cond = np.array([r.condition_s for r in self.records]) * 1e3
         # Rounds per live episode and inference: what a batch-1 solve needs for row-independent solvers
         # (Newton); batch-coupled solvers report the group's rounds for every row.
         its = np.array([n for r in self.records for n in _rounds(r)], dtype=float)
@@ -54,6 +55,8 @@ class RolloutOutcome:
                 "mean": float(lat.mean()),
                 "max": float(lat.max()),
             },
+            # inside latency_ms: observation -> condition (an image policy's encoder), per inference
+            "condition_ms": {"p50": float(np.percentile(cond, 50)), "mean": float(cond.mean())},
             "iterations": {
                 "mean": float(its.mean()),
                 "p95": float(np.percentile(its, 95)),

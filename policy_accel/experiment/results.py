@@ -81,6 +81,8 @@ def _row(r: dict) -> dict:
         "success_rate": r["success_rate"],
         "latency_p50_ms": r["latency_ms"]["p50"],
         "latency_p95_ms": r["latency_ms"]["p95"],
+        # the observation-to-condition share of each inference (an image policy's encoder); None for older runs
+        "condition_p50_ms": (r.get("condition_ms") or {}).get("p50"),
         "iterations_mean": r["iterations"]["mean"],
         "iterations_p95": r["iterations"]["p95"],
         "nfe_mean": r["nfe"]["mean"],

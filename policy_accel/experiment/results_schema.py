@@ -42,6 +42,11 @@ class LatencyMs(_Strict):
     p95: NonNegative
 
 
+class ConditionMs(_Strict):
+    p50: NonNegative
+    mean: NonNegative
+
+
 class Iterations(_Strict):
     mean: NonNegative
     p95: NonNegative
@@ -75,6 +80,7 @@ class RolloutResults(_Strict):
     score: Finite
     success_rate: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
     latency_ms: LatencyMs
+    condition_ms: ConditionMs | None = None  # observation -> condition inside each inference (an image encoder)
     iterations: Iterations
     nfe: Nfe
     max_abs_dev: NonNegative | None = None
