@@ -62,6 +62,11 @@ def encoder_config(task: DictConfig, encoder: DictConfig | None) -> EncoderConfi
             f"task {task.name!r} observes cameras: training needs an encoder section (configs/encoder/{task.name}.yaml)"
         )
     arch = OmegaConf.to_container(encoder)
+    if arch.get("kind") == "lerobot":  # before the dataset loads, not at the first training step
+        raise ConfigError(
+            "encoder.kind=lerobot: LeRobot's encoder is reproduced for evaluation only (its training crop, one "
+            "RandomCrop offset per batch, is not); train with kind=robomimic or kind=dp_image"
+        )
     return EncoderConfig(
         cameras=OmegaConf.to_container(task.cameras), low_dim=OmegaConf.to_container(task.low_dim), **arch
     )

@@ -89,6 +89,13 @@ def test_pusht_image_composes_dps_hybrid_recipe():
     assert "encoder" not in lowdim and lowdim.batch_size == 128  # the low-dim recipe is untouched
 
 
+def test_a_lerobot_encoder_is_refused_for_training_before_the_data_loads(tmp_path):
+    cfg = _cfg(tmp_path / "missing.zarr", tmp_path / "run", 3, "encoder.kind=lerobot")
+    with pytest.raises(ConfigError, match=r"^encoder.kind=lerobot: .*evaluation only"):
+        train(cfg)
+    assert not (tmp_path / "run" / "train_state.pt").exists()
+
+
 def test_image_windows_pad_like_the_lowdim_ones(image_demos):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         task = compose("train", overrides=["task=pusht_image", f"task.dataset={image_demos}"]).task

@@ -528,6 +528,11 @@ def test_config_json_round_trip():
         (dict(ROBOMIMIC, feature_order=("agentview", "wrist")), "feature_order"),
         (dict(ROBOMIMIC, crop_shape=(40, 37)), "crop_shape"),  # DP's CropRandomizer needs crop < image
         (dict(ROBOMIMIC, crop_shape=(37,)), "crop_shape"),
+        (dict(ROBOMIMIC, crop_shape=(36.5, 36)), "crop_shape"),  # not truncated to 36
+        (dict(ROBOMIMIC, cameras={"agentview": (3, 40.5, 40)}), "cameras"),
+        (dict(ROBOMIMIC, cameras={"agentview": (3, "40", 40)}), "cameras"),
+        (dict(ROBOMIMIC, low_dim={"eef_pos": 2.5, "gripper": 2}), "low_dim"),
+        (dict(ROBOMIMIC, low_dim={"eef_pos": True, "gripper": 2}), "low_dim"),
         (dict(ROBOMIMIC, width=8, norm="group"), "width"),  # 8 // 16 = 0 groups
         (dict(ROBOMIMIC, norm="layer"), "norm"),
         (dict(ROBOMIMIC, shared=True), "shared"),
