@@ -152,9 +152,15 @@ def summarize(timed: list, profiled: list, warm: bool, network_ms: dict[str, flo
     }
 
 
+BLOCK_WARMUP, BLOCK_CALLS = 5, 5
+
+
 def time_network_interleaved(policy: DiffusionPolicy, variants: list, use, batches: list[int], repeats: int) -> dict:
-    """Median call time per batch size of every engine variant, the variants taking turns in blocks of 3 calls
-    (one size at a time: interleaving sizes made the small ones slower, large calls evicting the caches)."""
+    """Median call time per batch size of every engine variant, the variants taking turns in blocks (one size at a
+    time: interleaving sizes made the small ones slower, large calls evicting the caches). Each block times
+    ``BLOCK_CALLS`` calls after ``BLOCK_WARMUP`` untimed ones: right after an eager block torch's OpenMP threads are
+    still spinning on the cores, and an engine's first calls ran 2x slower (quiet probe, committed U-Net at batch 1:
+    OpenVINO 1.83 ms over its first 3 calls after eager ones, 0.91 ms from the 6th on); a controller runs one engine."""
     device = policy.device
     H, A = policy.chunk_shape
     times: dict[str, dict[str, list[float]]] = {v: {str(b): [] for b in batches} for v, _ in variants}
@@ -167,10 +173,11 @@ def time_network_interleaved(policy: DiffusionPolicy, variants: list, use, batch
                 for variant, options in variants:
                     use(variant, options)
                     block = []
-                    for _ in range(3):
+                    for call in range(BLOCK_WARMUP + BLOCK_CALLS):
                         timer = NetworkTimer(policy.denoiser, device)
                         timer(x, t, c)
-                        block.append(timer.seconds)
+                        if call >= BLOCK_WARMUP:
+                            block.append(timer.seconds)
                     if rep:  # the first round warms every variant up
                         times[variant][str(b)].append(float(np.median(block)))
     return {v: {b: float(np.median(ts) * 1e3) for b, ts in table.items()} for v, table in times.items()}
