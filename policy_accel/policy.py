@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from policy_accel.errors import ObservationError
-from policy_accel.model.engine import CPU_ENGINES, EngineInfo, compile_denoiser, resolve_engine
+from policy_accel.model.engine import CPU_ENGINES, EngineInfo, compile_denoiser, compile_encoder, resolve_engine
 from policy_accel.model.inpainting import ObservationInpainting
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.transformer import TransformerConfig, TransformerForDiffusion, check_transformer_config
@@ -264,7 +264,14 @@ class DiffusionPolicy:
     def _serve_eager(self) -> None:
         """The module itself serves the denoiser, and no compiled engine is kept."""
         self._forward = self.model  # what `denoiser` runs: the module, or its compiled engine (use_engine)
-        self.engine = EngineInfo("torch", torch.__version__, "f32", torch.get_num_threads())
+        self._encode = self.encoder  # what `condition` runs an image policy's encoder on (use_engine)
+        self.engine = EngineInfo(
+            "torch",
+            torch.__version__,
+            "f32",
+            torch.get_num_threads(),
+            encoder="none" if self.encoder is None else "torch",
+        )
         self._compiled: dict[tuple, tuple] = {}  # engines compiled for the weights of _engine_fingerprint
         self._engine_fingerprint: int | None = None
         self._engine_cache_dir: Path | None = None
@@ -288,7 +295,8 @@ class DiffusionPolicy:
         name = resolve_engine(engine, self.device)
         threads = torch.get_num_threads() if threads is None else threads
         # inference tensors (weights loaded under torch.inference_mode) keep no version counter
-        self._weight_tensors = [t for t in (*self.model.parameters(), *self.model.buffers()) if not t.is_inference()]
+        modules = [self.model] if self.encoder is None else [self.model, self.encoder]
+        self._weight_tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if not t.is_inference()]
         fingerprint = self._weights_fingerprint()
         if self._engine_fingerprint != fingerprint:
             self._compiled = {}  # compiled for other weights
@@ -306,6 +314,15 @@ class DiffusionPolicy:
                 static_shapes=static_shapes,
             )
         self._forward, self.engine = self._compiled[key]
+        if self.encoder is not None:
+            encoder_key = ("encoder", name, threads, str(cache_dir))
+            if encoder_key not in self._compiled:
+                self._compiled[encoder_key] = compile_encoder(
+                    self.encoder, name, n_obs_steps=self.config.n_obs_steps, threads=threads, cache_dir=cache_dir
+                )
+            self._encode, encoder_engine = self._compiled[encoder_key]
+            compile_s = self.engine.compile_s + getattr(self._encode, "compile_s", 0.0)
+            self.engine = replace(self.engine, encoder=encoder_engine, compile_s=compile_s)
         self._engine_fingerprint, self._engine_cache_dir = fingerprint, cache_dir
         # A CPU engine takes the threads; torch keeps one for the sampler's small steps around the calls (its idle
         # OpenMP threads otherwise spin on the cores the engine needs: DDIM-10 12.5 vs 14.5 ms per inference here).
@@ -358,7 +375,7 @@ class DiffusionPolicy:
             parts = [torch.as_tensor(obs[name]).to(self.device, torch.float32) for name in encoder.low_dim_names]
             low_dim = self._normalized(torch.cat(parts, dim=-1))
         with torch.inference_mode():
-            return self.encoder(self.image_normalizer(images), low_dim)
+            return self._encode(self.image_normalizer(images), low_dim)
 
     def _normalized(self, obs: torch.Tensor) -> torch.Tensor:
         """(B, n_obs_steps, obs_dim) raw low-dim observations -> normalized, refused when far outside training."""

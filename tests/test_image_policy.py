@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from policy_accel.control import FakeClock, RealTimeController, SessionPlanner
 from policy_accel.errors import CheckpointError, ObservationError
 from policy_accel.experiment.episodes import RolloutOutcome, run_episodes
 from policy_accel.io.checkpoint import load_policy, save_policy
+from policy_accel.model.engine import EXACT_TOLERANCE
 from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.unet import UNetConfig
 from policy_accel.model.vision import EncoderConfig, ObservationEncoder
@@ -309,6 +311,54 @@ def test_the_episode_loop_and_the_controller_feed_dict_observations(policy):
         assert ctrl.act(t0 + 0.1).action.shape == (ACT,)
         with pytest.raises(ObservationError, match="keys"):
             ctrl.observe({"image": observations(())["image"]}, t0 + 0.2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engines: OpenVINO serves the encoder too
+# ---------------------------------------------------------------------------------------------------------------
+
+
+GROUP_NORM = EncoderConfig(**dict(SMALL["robomimic"], width=16, norm="group"))
+
+
+@pytest.mark.parametrize(
+    "encoder", [TINY, GROUP_NORM, *(EncoderConfig(**SMALL[k]) for k in SMALL)], ids=["tiny", "group_norm", *SMALL]
+)
+def test_openvino_serves_the_encoder_of_every_kind_exactly(encoder):
+    policy = image_policy(encoder=encoder)
+    schedule = policy.schedule(kind="ddim", num_inference_steps=2)
+    for batch in (1, 3):
+        obs = observations((batch, TO), seed=batch, encoder=encoder)
+        noise = policy.draw_noise(schedule, batch, torch.Generator().manual_seed(0))
+        policy.use_engine("torch")
+        eager_cond = policy.condition(obs)
+        eager = make_solver("sequential").solve(policy.denoiser, schedule, noise, eager_cond).sample
+        policy.use_engine("openvino", threads=1)
+        assert policy.engine.encoder == "openvino" and policy.engine.to_dict()["encoder"] == "openvino"
+        assert not policy.encoder.training  # exporting left the module in evaluation mode (center crop)
+        cond = policy.condition(obs)
+        assert cond.shape == eager_cond.shape and (cond - eager_cond).abs().max() <= EXACT_TOLERANCE
+        served = make_solver("sequential").solve(policy.denoiser, schedule, noise, cond).sample
+        assert (served - eager).abs().max() <= 1e-4  # two calls of the engine's 1e-5 apart, through the sampler
+
+
+def test_an_encoder_edited_in_place_is_recompiled_before_the_next_inference():
+    policy = image_policy().use_engine("openvino", threads=1)
+    obs = observations((1, TO), seed=5)
+    before = policy.condition(obs)
+    with torch.no_grad():
+        next(policy.encoder.parameters()).mul_(1.5)
+    policy.sync_engine()  # what Session.plan does first
+    after = policy.condition(obs)
+    policy.use_engine("torch")
+    eager = policy.condition(obs)
+    assert (after - before).abs().max() > 1e-3 and (after - eager).abs().max() <= EXACT_TOLERANCE
+
+
+def test_the_eager_engine_names_its_encoder():
+    assert image_policy().use_engine("torch").engine.encoder == "torch"
+    lowdim = load_policy(Path(__file__).resolve().parents[1] / "checkpoints" / "pusht", engine="torch")
+    assert lowdim.engine.encoder == "none"
 
 
 # ---------------------------------------------------------------------------------------------------------------

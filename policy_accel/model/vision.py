@@ -407,7 +407,7 @@ def center_crop(x: Tensor, crop_shape: tuple[int, int]) -> Tensor:
 
     Python's ``round`` rounds halves to even, so an odd margin of 5 starts the crop at 2, one of 3 at 2 as well.
     """
-    h, w = x.shape[-2:]
+    h, w = int(x.shape[-2]), int(x.shape[-1])  # ints also while traced for export (the image size is fixed)
     ch, cw = crop_shape
     top = int(round((h - ch) / 2.0))
     left = int(round((w - cw) / 2.0))
