@@ -503,3 +503,45 @@ def test_the_encoder_module_must_match_the_config(policy):
         DiffusionPolicy(
             policy.config, policy.model, policy.obs_normalizer, policy.action_normalizer, ObservationEncoder(other)
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The committed image checkpoint (checkpoints/pusht_image, trained here): exact on rendered PushT observations
+# ---------------------------------------------------------------------------------------------------------------
+
+IMAGE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "pusht_image"
+
+
+@pytest.fixture(scope="module")
+def trained_image_policy() -> DiffusionPolicy:
+    return load_policy(IMAGE_CHECKPOINT, engine="openvino")
+
+
+def rendered_histories(batch: int) -> dict[str, np.ndarray]:
+    """Each seed's first two image PushT observations (a reset and one step), stacked as (batch, 2, ...)."""
+    from policy_accel.experiment.tasks import env_factory
+
+    env = env_factory("pusht_image")(max_episode_steps=5, render_offscreen=False)
+    rows = []
+    for seed in range(100000, 100000 + batch):
+        first, _ = env.reset(seed=seed)
+        second = env.step(np.array([256.0, 256.0]))[0]
+        rows.append({k: np.stack([first[k], second[k]]) for k in first})
+    env.close()
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddim", 16)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_committed_image_checkpoint_is_solved_exactly(trained_image_policy, kind, steps, batch):
+    policy = trained_image_policy
+    assert policy.config.encoder.kind == "robomimic" and policy.engine.encoder == "openvino"
+    schedule = policy.schedule(kind=kind, num_inference_steps=steps)
+    cond = policy.condition(rendered_histories(batch))
+    noise = policy.draw_noise(schedule, batch, torch.Generator().manual_seed(batch))
+    with torch.inference_mode():
+        reference = make_solver("sequential").solve(policy.denoiser, schedule, noise, cond).sample
+        for name, options in (("paradigms", {}), ("newton", {"jacobian": "broyden"})):
+            result = make_solver(name, **options).solve(policy.denoiser, schedule, noise, cond)
+            assert result.converged and result.iterations < steps, name
+            assert (result.sample - reference).abs().max() <= 1e-3, name
