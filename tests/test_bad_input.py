@@ -472,3 +472,11 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     sweep = run_script("rollout.py", "-m", "threads=1", "n_episodes=abc", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert sweep.returncode != 0 and "error: n_episodes='abc' is not allowed" in sweep.stderr
     assert "Traceback" not in sweep.stderr
+
+
+def test_realtime_compares_with_the_offline_scores_of_its_own_task():
+    """The offline score next to a real-time run comes from that task's benchmark, never another task's (an image
+    PushT run was compared with the low-dim policy's 0.929)."""
+    for task in ("pusht", "pusht_image", "lift"):
+        cfg = _compose("realtime.yaml", [f"task={task}", "out_dir=/tmp/unused"], hydra=False)
+        assert cfg.offline_results == f"reports/{task}_cpu/results.csv"
