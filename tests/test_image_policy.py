@@ -15,7 +15,7 @@ from test_vision import SMALL, randomize
 
 from policy_accel.control import FakeClock, RealTimeController, SessionPlanner
 from policy_accel.errors import CheckpointError, ObservationError
-from policy_accel.experiment.episodes import RolloutOutcome, run_episodes
+from policy_accel.experiment.episodes import EpisodeResult, RolloutOutcome, run_episodes
 from policy_accel.io.checkpoint import load_policy, save_policy
 from policy_accel.model.engine import EXACT_TOLERANCE
 from policy_accel.model.normalizer import LinearNormalizer
@@ -149,7 +149,8 @@ def test_each_inference_records_the_encoders_time_inside_its_latency(policy):
         handle.remove()
     for plan in plans:
         assert 0.03 <= plan.record.condition_s <= plan.record.latency_s
-    summary = RolloutOutcome([], [p.record for p in plans]).summary()
+    episode = EpisodeResult(seed=0, max_reward=0.5, success=False, steps=1, inferences=2)
+    summary = RolloutOutcome([episode], [p.record for p in plans]).summary()
     assert summary["condition_ms"]["p50"] >= 30 and summary["condition_ms"]["p50"] <= summary["latency_ms"]["p50"]
     unslowed = session.plan(observations((2, TO), seed=3)).record
     assert unslowed.condition_s < 0.03 and unslowed.condition_s > 0
