@@ -153,6 +153,52 @@ def _cached_artifact(key_dir: Path, filename: str, write) -> tuple[Path, bool]:
     return target, False
 
 
+def _openvino_ir(key_dir: Path, filename: str, module: nn.Module, example: tuple, names: tuple[str, ...]):
+    """(``module`` as an OpenVINO IR file in the disk cache, whether it was there): exported to ONNX, converted in
+    f32 (fp16 weights would be inexact) and written once."""
+    import openvino as ov
+
+    def convert(path: Path) -> None:
+        onnx_path = path.with_suffix(".onnx")
+        export_onnx(module, example, names, onnx_path)
+        ov.save_model(ov.Core().read_model(onnx_path), path, compress_to_fp16=False)
+        onnx_path.unlink()
+
+    return _cached_artifact(key_dir, filename, convert)
+
+
+def _openvino_core(root: Path, version: str, threads: int, precision: str) -> tuple[object, dict]:
+    """An OpenVINO core with its compiled blobs cached on disk (a second start skips compilation too; one folder per
+    engine build), and the CPU plugin settings of every program compiled here."""
+    import openvino as ov
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(root / f"openvino-blobs-{version}")})
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": precision,
+    }
+    return core, config
+
+
+def _infer(local: threading.local, key: object, program, inputs: tuple, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Run ``program`` on float32 CPU ``inputs`` (shared, not copied) with this thread's infer request for ``key``
+    (the real-time controller plans in a worker thread: requests are never shared between threads), its output
+    written straight into a new torch tensor of ``out_shape``."""
+    import openvino as ov
+
+    requests = local.__dict__.setdefault("requests", {})
+    request = requests.get(key)
+    if request is None:
+        request = requests[key] = program.create_infer_request()
+    out = torch.empty(out_shape, dtype=torch.float32)
+    request.set_output_tensor(0, ov.Tensor(out.numpy(), shared_memory=True))
+    request.infer(tuple(x.numpy() for x in inputs), share_inputs=True, share_outputs=True)
+    return out
+
+
 @contextlib.contextmanager
 def _quiet_export():
     """Tracing warns about Python-level branches it records (the timestep's shape): expected here, and a command
@@ -305,29 +351,15 @@ class OpenVINODenoiser(CompiledDenoiser):
         start = time.perf_counter()
         version = ov.get_version().split("-")[0]
         key = network_key(model, sample_shape, cond_dim, f"openvino {version}")
-
-        def convert(path: Path) -> None:
-            onnx_path = path.with_suffix(".onnx")
-            export_onnx(model, _example_inputs(model, sample_shape, cond_dim), _INPUT_NAMES, onnx_path)
-            ov.save_model(ov.Core().read_model(onnx_path), path, compress_to_fp16=False)  # f32: fp16 is inexact
-            onnx_path.unlink()
-
-        xml, hit = _cached_artifact((cache_dir or cache_root()) / f"openvino-{key}", "denoiser.xml", convert)
-        core = ov.Core()
-        # OpenVINO's own cache of compiled blobs: a second start skips compilation too (one folder per engine build)
-        core.set_property({"CACHE_DIR": str((cache_dir or cache_root()) / f"openvino-blobs-{version}")})
-        config = {
-            "INFERENCE_NUM_THREADS": threads,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": precision,
-        }
+        root = cache_dir or cache_root()
+        example = _example_inputs(model, sample_shape, cond_dim)
+        xml, hit = _openvino_ir(root / f"openvino-{key}", "denoiser.xml", model, example, _INPUT_NAMES)
+        core, config = _openvino_core(root, version, threads, precision)
         self._compiled = core.compile_model(core.read_model(xml), "CPU", config)
-        self._ov_tensor = ov.Tensor
         self._local = threading.local()
         self._out_tail = tuple(sample_shape)
         self._cond_dim = cond_dim
-        self._key, self._cache_dir, self._core, self._config = key, cache_dir or cache_root(), core, config
+        self._key, self._cache_dir, self._core, self._config = key, root, core, config
         self._xml = xml
         self._chains: dict[str, object] = {}
         self.fuse_chains = fuse_chains
@@ -362,20 +394,13 @@ class OpenVINODenoiser(CompiledDenoiser):
         return program
 
     def _compile_chain(self, schedule, tag: str) -> _ChainProgram:
-        import openvino as ov
-
         T, shape = schedule.num_steps, self._out_tail
-        cond_dim = self._compiled.inputs[2].get_partial_shape()[1].get_length()
         key = hashlib.sha256(f"{self._key}|chain|{tag}".encode()).hexdigest()[:24]
-
-        def convert(path: Path) -> None:
-            example = (torch.zeros(2, *shape), torch.zeros(T, 2, *shape), torch.zeros(2, cond_dim))
-            onnx_path = path.with_suffix(".onnx")
-            export_onnx(_SequentialChain(self.model, schedule.to("cpu")), example, ("x_T", "xi", "cond"), onnx_path)
-            ov.save_model(ov.Core().read_model(onnx_path), path, compress_to_fp16=False)
-            onnx_path.unlink()
-
-        xml, _ = _cached_artifact(self._cache_dir / f"openvino-chain-{key}", "chain.xml", convert)
+        example = (torch.zeros(2, *shape), torch.zeros(T, 2, *shape), torch.zeros(2, self._cond_dim))
+        chain = _SequentialChain(self.model, schedule.to("cpu"))
+        xml, _ = _openvino_ir(
+            self._cache_dir / f"openvino-chain-{key}", "chain.xml", chain, example, ("x_T", "xi", "cond")
+        )
         return _ChainProgram(self._core.compile_model(self._core.read_model(xml), "CPU", self._config), T, shape)
 
     def _program(self, rows: int) -> tuple[int | None, object]:
@@ -415,18 +440,10 @@ class OpenVINODenoiser(CompiledDenoiser):
                 ]
             )
         size, program = self._program(n)
-        requests = getattr(self._local, "requests", None)
-        if requests is None:
-            requests = self._local.requests = {}
-        request = requests.get(size)
-        if request is None:
-            request = requests[size] = program.create_infer_request()
         inputs = (sample, timestep, cond)
         if size is not None and size != n:  # pad up to the program's size: zero rows, computed and dropped
             inputs = tuple(torch.cat([x, x.new_zeros(size - n, *x.shape[1:])]) for x in inputs)
-        out = torch.empty((size or n, *self._out_tail), dtype=torch.float32)
-        request.set_output_tensor(0, self._ov_tensor(out.numpy(), shared_memory=True))
-        request.infer(tuple(x.numpy() for x in inputs), share_inputs=True, share_outputs=True)
+        out = _infer(self._local, size, program, inputs, (size or n, *self._out_tail))
         return out if size is None or size == n else out[:n]
 
 
@@ -434,20 +451,12 @@ class _ChainProgram:
     """One compiled sequential chain: (x_T, xi, cond) -> trajectory (T + 1, B, H, A), written into a torch tensor."""
 
     def __init__(self, compiled, num_steps: int, sample_shape: tuple[int, ...]):
-        import openvino as ov
-
-        self._compiled, self._T, self._shape, self._ov_tensor = compiled, num_steps, sample_shape, ov.Tensor
+        self._compiled, self._T, self._shape = compiled, num_steps, sample_shape
         self._local = threading.local()
 
     def __call__(self, x_T: torch.Tensor, xi: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
-        out = torch.empty((self._T + 1, x_T.shape[0], *self._shape), dtype=torch.float32)
-        request.set_output_tensor(0, self._ov_tensor(out.numpy(), shared_memory=True))
-        inputs = (x_T.float().contiguous().numpy(), xi.float().contiguous().numpy(), cond.float().contiguous().numpy())
-        request.infer(inputs, share_inputs=True, share_outputs=True)
-        return out
+        inputs = tuple(x.float().contiguous() for x in (x_T, xi, cond))
+        return _infer(self._local, None, self._compiled, inputs, (self._T + 1, x_T.shape[0], *self._shape))
 
 
 class OnnxRuntimeDenoiser(CompiledDenoiser):
@@ -527,24 +536,9 @@ class OpenVINOEncoder:
             self._feature_dim = int(graph(*example).shape[1])
         version = ov.get_version().split("-")[0]
         key = network_key(graph, tuple(self._steps), self._feature_dim, f"openvino encoder {version}")
-
-        def convert(path: Path) -> None:
-            onnx_path = path.with_suffix(".onnx")
-            export_onnx(graph, example, self._names, onnx_path)
-            ov.save_model(ov.Core().read_model(onnx_path), path, compress_to_fp16=False)
-            onnx_path.unlink()
-
         root = cache_dir or cache_root()
-        self._xml, hit = _cached_artifact(root / f"openvino-{key}", "encoder.xml", convert)
-        self._core = ov.Core()
-        self._core.set_property({"CACHE_DIR": str(root / f"openvino-blobs-{version}")})
-        self._config = {
-            "INFERENCE_NUM_THREADS": threads,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",
-        }
-        self._ov_tensor = ov.Tensor
+        self._xml, hit = _openvino_ir(root / f"openvino-{key}", "encoder.xml", graph, example, self._names)
+        self._core, self._config = _openvino_core(root, version, threads, "f32")
         self._programs: dict[int, object] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -567,16 +561,7 @@ class OpenVINOEncoder:
         if low_dim is not None:
             inputs.append(low_dim.detach().to(torch.float32).contiguous())
         rows = inputs[0].shape[0]
-        requests = getattr(self._local, "requests", None)
-        if requests is None:
-            requests = self._local.requests = {}
-        request = requests.get(rows)
-        if request is None:
-            request = requests[rows] = self._program(rows).create_infer_request()
-        out = torch.empty((rows, self._feature_dim), dtype=torch.float32)
-        request.set_output_tensor(0, self._ov_tensor(out.numpy(), shared_memory=True))
-        request.infer(tuple(x.numpy() for x in inputs), share_inputs=True, share_outputs=True)
-        return out
+        return _infer(self._local, rows, self._program(rows), tuple(inputs), (rows, self._feature_dim))
 
 
 def compile_encoder(
