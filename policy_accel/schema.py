@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -43,6 +44,20 @@ class FieldError(ConfigError):
     def under(self, prefix: str) -> FieldError:
         """The same error with the key as the user spelled it (``prefix`` + the field's own name)."""
         return FieldError(prefix + self.key.rsplit(".", 1)[-1], self.value, self.reason)
+
+
+def exact_int(value: Any) -> int:
+    """An integer as written: an int, or a float without a fraction (96.0 from a JSON writer). ``96.5``, ``"96"``,
+    ``true`` and ``inf`` raise ``ValueError`` instead of being truncated into a value nobody wrote."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or isinstance(value, float)
+        and not math.isfinite(value)
+        or int(value) != value
+    ):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(value)
 
 
 def describe(hint: Any) -> str:
@@ -128,6 +143,7 @@ __all__ = [
     "check_mapping",
     "check_options",
     "check_value",
+    "exact_int",
     "describe",
 ]
 

@@ -533,6 +533,7 @@ def test_config_json_round_trip():
         (dict(ROBOMIMIC, cameras={"agentview": (3, "40", 40)}), "cameras"),
         (dict(ROBOMIMIC, low_dim={"eef_pos": 2.5, "gripper": 2}), "low_dim"),
         (dict(ROBOMIMIC, low_dim={"eef_pos": True, "gripper": 2}), "low_dim"),
+        (dict(ROBOMIMIC, low_dim={"eef_pos": float("inf"), "gripper": 2}), "low_dim"),  # not an OverflowError
         (dict(ROBOMIMIC, width=8, norm="group"), "width"),  # 8 // 16 = 0 groups
         (dict(ROBOMIMIC, norm="layer"), "norm"),
         (dict(ROBOMIMIC, shared=True), "shared"),

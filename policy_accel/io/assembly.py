@@ -19,6 +19,7 @@ from policy_accel.model.normalizer import LinearNormalizer
 from policy_accel.model.vision import ObservationEncoder
 from policy_accel.policy import DiffusionPolicy, PolicyConfig, build_denoiser
 from policy_accel.schedule import ScheduleConfig
+from policy_accel.schema import exact_int
 
 
 def check_trust_pickle(trust_pickle: object, name: str = "trust_pickle") -> bool:
@@ -162,9 +163,10 @@ def _schedule_config(
 
 
 def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ValueError(f"{name}={value!r} is not an integer (unresolved interpolation?)")
-    return int(value)
+    try:
+        return exact_int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer (unresolved interpolation?)") from None
 
 
 def _tensor_dim(tensors: dict[str, torch.Tensor], key: str, where: str) -> int:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policy_accel.errors import CheckpointError, ConfigError, ObservationError
+from policy_accel.schema import exact_int
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -131,8 +132,8 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise JSON lists / mappings to tuples once, here
-        set_(self, "cameras", _pairs(self.cameras, "cameras", lambda v: tuple(_exact_int(x) for x in v)))
-        set_(self, "low_dim", _pairs(self.low_dim, "low_dim", _exact_int))
+        set_(self, "cameras", _pairs(self.cameras, "cameras", lambda v: tuple(exact_int(x) for x in v)))
+        set_(self, "low_dim", _pairs(self.low_dim, "low_dim", exact_int))
         if self.crop_shape is not None:
             set_(self, "crop_shape", _int_tuple(self.crop_shape, "crop_shape", 2))
         for name in ("image_mean", "image_std"):
@@ -326,17 +327,9 @@ def _pairs(value: Any, name: str, convert: Any) -> tuple[tuple[str, Any], ...]:
         raise _bad(name, f"expected name -> value pairs, got {value!r} ({err})") from err
 
 
-def _exact_int(value: Any) -> int:
-    """An integer as written (an int, or a float like 96.0 from a JSON writer); 96.5, "96" and true are refused
-    instead of being truncated into a shape nobody wrote."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise ValueError(f"{value!r} is not an integer")
-    return int(value)
-
-
 def _int_tuple(value: Any, name: str, length: int) -> tuple[int, ...]:
     try:
-        out = tuple(_exact_int(v) for v in value)
+        out = tuple(exact_int(v) for v in value)
     except (TypeError, ValueError) as err:
         raise _bad(name, f"expected {length} integers, got {value!r}") from err
     if len(out) != length:
