@@ -203,8 +203,9 @@ class Session:
         """
         start = time.perf_counter()
         self.policy.sync_engine()
+        conditioning = time.perf_counter()
         cond = self.policy.condition(obs_history)
-        condition_s = time.perf_counter() - start
+        condition_s = time.perf_counter() - conditioning
         noise = self._noise(cond.shape[0])
         chain = self.warm.prepare(self.schedule, noise, self.policy.config.n_action_steps, cond)
         result, warm = self.warm.solve(
