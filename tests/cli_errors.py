@@ -1,7 +1,9 @@
-"""What every command-line bad-input test checks: one ``error: ...`` line, the user-error exit status, no traceback."""
+"""What every command-line bad-input test checks: one ``error: ...`` line, the user-error exit status, no traceback;
+and what a test that sends a command Ctrl-C starts it with."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 
 from policy_accel.errors import EXIT_USER_ERROR
@@ -14,3 +16,9 @@ def one_error_line(run: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-3000:]
     assert "Traceback" not in run.stderr + run.stdout
     return lines[0]
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that is sent Ctrl-C: started by a pytest running in the background (``pytest ... &``)
+    it would inherit an ignored SIGINT and never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

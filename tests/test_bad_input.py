@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_errors import one_error_line
+from cli_errors import default_sigint, one_error_line
 
 from policy_accel.errors import PickleRefusedError
 from policy_accel.io.checkpoint import load_policy
@@ -366,13 +366,8 @@ def test_ctrl_c_keeps_finished_episodes_and_the_same_command_resumes(tmp_path):
 
     seeds = "seeds=[100000,100001,100002,100003,100004,100005,100006,100007]"
     args = [sys.executable, str(ROOT / "eval" / "rollout.py"), *FAST[:3], seeds, f"out_dir={tmp_path}"]
-    proc = subprocess.Popen(  # default SIGINT even when pytest runs in the background (it would inherit SIG_IGN)
-        args,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
     )
     progress = tmp_path / "episodes.partial.json"
     deadline = time.monotonic() + 240

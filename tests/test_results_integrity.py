@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_errors import one_error_line
+from cli_errors import default_sigint, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 # engine=torch: these tests are about output directories, not engines (no network compiled, nothing on stderr)
@@ -43,12 +43,6 @@ def _wait_for(condition, proc: subprocess.Popen, seconds: float = 240) -> None:
 # -- an output directory is claimed for the whole run -----------------------------------------------------------------
 
 
-def _default_sigint() -> None:
-    """A child started by a pytest that runs in the background (``pytest ... &``) inherits an ignored SIGINT and
-    would never see the Ctrl-C these tests send: restore the default before it starts."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _popen(script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         _command(script, *args),
@@ -56,7 +50,7 @@ def _popen(script: str, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_sigint,
+        preexec_fn=default_sigint,
     )
 
 
